@@ -1,0 +1,54 @@
+"""Shared fixtures: the conformance variants (tiny random-init timm ViTs) and real offline data paths."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vitkit as vk
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR_JPEG = SHARED / "data" / "cifar10-test-jpeg" / "test"
+SHAMAIL = SHARED / "weights" / "shamail-123_VisionTriad-CIFAR10" / "model" / "best_vit.pth"
+SMMK47 = SHARED / "weights" / "smmk47_CIFAR10-Classification" / "vit_cifar10.pth"
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, num_classes=10)
+# The conformance table (DESIGN §5): every registered method runs on each of these.
+VARIANTS = {
+    "plain": {},
+    "registers": dict(reg_tokens=4),
+    "no_cls_avg": dict(class_token=False, global_pool="avg"),
+    "layerscale": dict(init_values=1e-5),
+    "qk_norm": dict(qk_norm=True),
+}
+
+
+def make_variant(name: str, seed: int = 0, **extra) -> torch.nn.Module:
+    """A tiny random-init ViT of variant `name`, built through vk.load so it carries a base reference."""
+    torch.manual_seed(seed)
+    model = vk.load("vit_tiny_patch16_224", pretrained=False, **{**TINY, **VARIANTS[name], **extra})
+    if name == "layerscale":  # make LayerScale matter: 1e-5 would hide a dropped ls1/ls2
+        with torch.no_grad():
+            for block in model.blocks:
+                block.ls1.gamma.uniform_(0.5, 1.5)
+                block.ls2.gamma.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request):
+    """(name, model) for each conformance variant."""
+    return request.param, make_variant(request.param)
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"offline data not found: {path}")
+    return path

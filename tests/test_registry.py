@@ -1,0 +1,65 @@
+"""The method registry: names, config validation, kinds, order of application."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+import vitkit as vk
+from vitkit import registry
+from conftest import make_variant
+
+
+def test_methods_lists_linear_and_full_with_kinds():
+    by_name = {m.name: m for m in vk.methods()}
+    assert by_name["linear"].kind == "adapt" and by_name["full"].kind == "adapt"
+    assert [f[0] for f in by_name["full"].fields()] == ["freeze_patch_embed"]
+
+
+def test_unknown_method_names_closest():
+    with pytest.raises(ValueError, match="did you mean `linear`"):
+        vk.apply(make_variant("plain"), "lineer")
+
+
+def test_unknown_field_lists_valid_fields():
+    with pytest.raises(TypeError, match="valid fields: freeze_patch_embed"):
+        vk.apply(make_variant("plain"), "full", freeze_patch=True)
+
+
+def test_ill_typed_field_is_named():
+    with pytest.raises(TypeError, match="`freeze_patch_embed` must be bool"):
+        vk.apply(make_variant("plain"), "full", freeze_patch_embed="yes")
+
+
+def test_kind_entry_point_checks_kind():
+    model = make_variant("plain")
+    with pytest.raises(ValueError, match="is an adapt method"):
+        vk.accelerate(model, "linear")
+
+
+def test_linear_trains_head_only_and_full_everything():
+    model = make_variant("plain")
+    vk.adapt(model, "linear")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+    vk.adapt(model, "full", freeze_patch_embed=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"patch_embed.proj.weight", "patch_embed.proj.bias"}
+    assert [a.name for a in vk.applied(model)] == ["linear", "full"]
+
+
+def test_register_rejects_bad_names_and_undocumented_fields():
+    @dataclass(frozen=True)
+    class Undocumented:
+        x: int = 1
+
+    @dataclass(frozen=True)
+    class Documented:
+        x: int = field(default=1, metadata={"help": "x"})
+
+    with pytest.raises(ValueError, match="lower case"):
+        registry.register("Bad_Name", kind="adapt", config=Documented, apply=lambda m, c: m)
+    with pytest.raises(ValueError, match="need metadata"):
+        registry.register("undocumented", kind="adapt", config=Undocumented, apply=lambda m, c: m)
+    with pytest.raises(ValueError, match="kind must be"):
+        registry.register("weird", kind="paint", config=Documented, apply=lambda m, c: m)

@@ -1,0 +1,47 @@
+"""vitkit: adapt, accelerate, compress, explain and benchmark pretrained Vision Transformers (timm).
+
+    import vitkit as vk
+    model = vk.load("vit_small_patch16_224.augreg_in21k", num_classes=10)
+    vk.adapt(model, "linear")
+    print(vk.info(model))
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .info import Info, info
+from .io import save
+from .models import TokenLayout, get_runner, load, token_layout
+from .registry import Method, applied, methods
+
+
+def apply(model, name: str, **config):
+    """Apply any registered method `name` with `config` (see `vk.methods()`); returns the same model."""
+    from .registry import apply as _apply
+
+    return _apply(model, name, **config)
+
+
+def adapt(model, name: str, **config):
+    """Apply a parameter-efficient adaptation method (kind `adapt`)."""
+    from .registry import apply as _apply
+
+    return _apply(model, name, kind="adapt", **config)
+
+
+def accelerate(model, name: str, **config):
+    """Apply a token-reduction method (kind `accelerate`)."""
+    from .registry import apply as _apply
+
+    return _apply(model, name, kind="accelerate", **config)
+
+
+def compress(model, name: str, **config):
+    """Apply a compression method (kind `compress`)."""
+    from .registry import apply as _apply
+
+    return _apply(model, name, kind="compress", **config)
+
+
+__all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
+           "accelerate", "compress", "token_layout", "TokenLayout", "get_runner"]

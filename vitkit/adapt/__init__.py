@@ -1,0 +1,1 @@
+"""Parameter-efficient adaptation methods, one module each (see ../shared/methods/adapt.md)."""

@@ -1,0 +1,1 @@
+"""Compression methods (pruning, quantization, binarization)."""

@@ -1,0 +1,95 @@
+"""`vk.info`: parameters (total, trainable, head), FLOPs from torch's flop counter, token layout, methods.
+
+FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which has no formula for the CPU fused-attention
+kernel, so attention is switched to timm's eager path while counting (and restored), as bench.md §5 says.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import registry
+from .adapt._common import head_parameter_names
+from .models.layout import TokenLayout, token_layout
+
+
+@dataclass
+class Info:
+    """What `vk.info` reports; `print(info)` gives a readable summary."""
+
+    name: str
+    total_params: int
+    trainable_params: int
+    head_params: int
+    trainable_head_params: int
+    gmacs: float
+    input_size: tuple[int, int, int]
+    layout: TokenLayout
+    methods: list[tuple[str, dict]] = field(default_factory=list)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(1, self.total_params)
+
+    def __str__(self) -> str:
+        t = self.trainable_params
+        lines = [
+            f"model       {self.name}",
+            f"params      {self.total_params:,} total | {t:,} trainable ({100 * self.trainable_fraction:.3f}%)"
+            f" | {t - self.trainable_head_params:,} trainable without the head ({self.head_params:,} head)",
+            f"compute     {self.gmacs:.3f} GMACs at {self.input_size[1]}x{self.input_size[2]}",
+            f"tokens      {self.layout.num_tokens((self.input_size[1], self.input_size[2]))} "
+            f"({self.layout.describe()})",
+        ]
+        if self.methods:
+            lines.append("methods     " + " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in c.items())})"
+                                                      for n, c in self.methods))
+        else:
+            lines.append("methods     none")
+        return "\n".join(lines)
+
+
+def count_gmacs(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> float:
+    """Multiply-accumulates (1e9) of one forward, with attention counted on timm's eager path."""
+    attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in attns]
+    was_training = model.training
+    try:
+        for m in attns:
+            m.fused_attn = False
+        model.eval()
+        x = torch.zeros(batch, *input_size, device=next(model.parameters()).device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, s in zip(attns, saved):
+            m.fused_attn = s
+        model.train(was_training)
+    return counter.get_total_flops() / 2 / 1e9 / batch
+
+
+def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> Info:
+    """Summarise a model (see `Info`). `input_size` is (H, W) pixels; the model's own size when None."""
+    layout = token_layout(model)
+    h, w = layout.img_size if input_size is None else (
+        (input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
+    layout.grid((h, w))  # clear error for a size the model cannot take
+    in_chans = model.patch_embed.proj.in_channels
+    head_names = head_parameter_names(model)
+    params = list(model.named_parameters())
+    base = model.__dict__.get("_vitkit_base", {})
+    name = base.get("name") or base.get("path") or getattr(model, "pretrained_cfg", {}).get("architecture", "vit")
+    return Info(
+        name=str(name),
+        total_params=sum(p.numel() for _, p in params),
+        trainable_params=sum(p.numel() for _, p in params if p.requires_grad),
+        head_params=sum(p.numel() for n, p in params if n in head_names),
+        trainable_head_params=sum(p.numel() for n, p in params if n in head_names and p.requires_grad),
+        gmacs=count_gmacs(model, (in_chans, h, w)),
+        input_size=(in_chans, h, w),
+        layout=layout,
+        methods=[(a.name, registry.config_dict(a.config)) for a in registry.applied(model)],
+    )

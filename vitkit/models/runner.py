@@ -1,0 +1,329 @@
+"""The block runner: vitkit's one override of timm's `Block.forward`, with named extension points.
+
+Methods change a ViT in three ways: wrap a Linear (no runner needed), add a branch inside a block, or change
+the token sequence per block. If each method patched `Block.forward` itself, no two could share a model, so
+every method that needs the inside of a block registers a function at one of these points (DESIGN §4):
+
+    before_block   fn(x, ctx) -> x | None       insert / replace tokens (VPT-deep)
+    attn_bias      fn(x, ctx) -> bias | None    additive mask handed to fused SDPA as `attn_mask`
+    after_attn     fn(x, ctx) -> x | None       merge / drop / sample tokens after the attention residual
+    mlp_parallel   fn(x, ctx) -> branch         added beside the MLP; sees the residual stream x
+    after_block    fn(x, ctx) -> x | None       read or replace the block output (taps)
+
+One block then computes, calling only timm's own sub-modules in timm's order:
+
+    x = before_block(x)
+    x = x + drop_path1(ls1(attn(norm1(x), attn_mask=user_mask + sum(attn_bias))))
+    x = after_attn(x)
+    branches = [f(x) for f in mlp_parallel]
+    x = x + drop_path2(ls2(mlp(norm2(x)))) + sum(branches)
+    x = after_block(x)
+
+Composition order: within a point, functions run in registration order (the order methods were applied);
+across points, the order above. So prompts inserted `before_block` exist before any merging `after_attn`, and
+token methods protect them because they count as prefix tokens in the token state.
+
+A per-forward `TokenState` (prefix count including prompts, token sizes, source map back to the patch grid)
+is created when the model embeds its input and is read by pooling and `forward_intermediates`. Prompt tokens
+are stripped before the final norm. With nothing registered a block is exactly timm's block.
+
+Hand-written here because no library offers composable extension points inside timm's blocks; timm's own
+forward code is not copied, its sub-modules are called.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+from .layout import TokenLayout, token_layout
+
+POINTS = ("before_block", "attn_bias", "after_attn", "mlp_parallel", "after_block")
+BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+@dataclass
+class TokenState:
+    """What a forward pass knows about its tokens, shared by every block of that pass.
+
+    Attributes:
+        layout: the model's static token layout.
+        grid: patch grid (gh, gw) of this input.
+        num_prompts: prompt tokens inserted right after the layout's prefix tokens.
+        sizes: (B, N, 1) number of input patches each token stands for, or None while all are 1.
+        source: (B, gh*gw) index, into the current sequence, of the token each input patch went to;
+            None while no token was merged or dropped.
+        extra: per-method scratch space, keyed by method name.
+    """
+
+    layout: TokenLayout
+    grid: tuple[int, int]
+    num_prompts: int = 0
+    sizes: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens that token-reduction methods must never touch: class, registers, distillation, prompts."""
+        return self.layout.num_prefix_tokens + self.num_prompts
+
+
+@dataclass
+class BlockContext:
+    """Handed to every extension function: which block runs, in which model, with which token state."""
+
+    index: int
+    block: nn.Module
+    model: nn.Module
+    state: TokenState
+
+
+@dataclass
+class _Extension:
+    owner: str
+    fn: Callable
+    blocks: Optional[frozenset[int]]
+
+
+class _Bound:
+    """`functools.partial` that binds a module as first argument; deep-copies and pickles with the model."""
+
+    def __init__(self, fn: Callable, module: nn.Module):
+        self.fn, self.module = fn, module
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
+
+
+class Runner:
+    """Extension points and token state of one model. Get it with `get_runner(model)`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.extensions: dict[str, list[_Extension]] = {p: [] for p in POINTS}
+        self.state: Optional[TokenState] = None
+
+    def add(self, point: str, fn: Callable, owner: str, blocks=None) -> None:
+        """Register `fn` at `point` for the blocks `blocks` (all when None), on behalf of method `owner`.
+
+        Use module-level functions (or `functools.partial` of them): the runner is deep-copied with the model.
+        """
+        if point not in POINTS:
+            raise ValueError(f"unknown extension point `{point}`; valid points: {', '.join(POINTS)}")
+        self.extensions[point].append(_Extension(owner, fn, None if blocks is None else frozenset(blocks)))
+
+    def remove(self, owner: str) -> None:
+        """Remove every extension registered by `owner`."""
+        for point in POINTS:
+            self.extensions[point] = [e for e in self.extensions[point] if e.owner != owner]
+
+    def owners(self) -> list[str]:
+        return sorted({e.owner for exts in self.extensions.values() for e in exts})
+
+    def _active(self, point: str, index: int):
+        return [e.fn for e in self.extensions[point] if e.blocks is None or index in e.blocks]
+
+    def new_state(self, grid: tuple[int, int]) -> TokenState:
+        self.state = TokenState(layout=token_layout(self.model), grid=grid)
+        return self.state
+
+    def run_block(self, block: nn.Module, index: int, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                  is_causal: bool = False) -> torch.Tensor:
+        """One timm block with the registered extensions (see the module docstring for the order)."""
+        state = self.state
+        if state is None:  # block called on its own, outside a model forward
+            state = self.new_state(token_layout(self.model).grid_size)
+        ctx = BlockContext(index, block, self.model, state)
+        for fn in self._active("before_block", index):
+            x = _replace(x, fn(x, ctx))
+        mask = attn_mask
+        for fn in self._active("attn_bias", index):
+            mask = _add_bias(mask, fn(x, ctx))
+        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=mask, is_causal=is_causal)))
+        for fn in self._active("after_attn", index):
+            x = _replace(x, fn(x, ctx))
+        branches = [fn(x, ctx) for fn in self._active("mlp_parallel", index)]
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        for branch in branches:
+            x = x + branch
+        for fn in self._active("after_block", index):
+            x = _replace(x, fn(x, ctx))
+        return x
+
+
+def _replace(x: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if out is None else out
+
+
+def _add_bias(mask: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if bias is None:
+        return mask
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:  # SDPA convention: True = attend
+        mask = torch.zeros_like(bias).masked_fill(~mask, float("-inf"))
+    return mask + bias
+
+
+class _BlockForward:
+    """Replaces one block's `forward` so that `block(x)` (and hooks on the block) go through the runner."""
+
+    def __init__(self, runner: Runner, index: int, block: nn.Module):
+        self.runner, self.index, self.block = runner, index, block
+
+    def __call__(self, x, attn_mask=None, is_causal=False):
+        return self.runner.run_block(self.block, self.index, x, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def get_runner(model: nn.Module) -> Runner:
+    """The model's runner, installed on first use (idempotent).
+
+    Raises:
+        NotImplementedError: the model is not a timm `VisionTransformer` with pre-norm `Block`s.
+    """
+    runner = model.__dict__.get("_vitkit_runner")
+    if runner is not None:
+        return runner
+    if not isinstance(model, VisionTransformer):
+        raise NotImplementedError(f"vitkit methods need a timm VisionTransformer, got {type(model).__name__}")
+    for i, block in enumerate(model.blocks):
+        missing = [p for p in BLOCK_PARTS if not hasattr(block, p)]
+        if missing:
+            raise NotImplementedError(
+                f"block {i} ({type(block).__name__}) lacks {missing}: vitkit's block runner supports timm's "
+                "pre-norm `Block` only")
+    runner = Runner(model)
+    model.__dict__["_vitkit_runner"] = runner
+    for i, block in enumerate(model.blocks):
+        block.forward = _BlockForward(runner, i, block)
+    model.forward_features = _Bound(forward_features, model)
+    model.forward_intermediates = _Bound(forward_intermediates, model)
+    model.pool = _Bound(pool, model)
+    return runner
+
+
+def has_runner(model: nn.Module) -> bool:
+    return "_vitkit_runner" in model.__dict__
+
+
+def embed(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Patch-embed, add positions and prefix tokens, and start a fresh token state for this forward."""
+    runner = get_runner(model)
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+    grid = token_layout(model).grid(tuple(x.shape[-2:]))  # clear error on a wrong input size
+    runner.new_state(grid)
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def run_blocks(model: VisionTransformer, x: torch.Tensor, attn_mask=None, is_causal=False, upto=None):
+    """Run the blocks (through the runner), yielding (index, tokens) after each."""
+    blocks = model.blocks if upto is None else model.blocks[:upto + 1]
+    for i, block in enumerate(blocks):
+        if model.grad_checkpointing and torch.is_grad_enabled() and attn_mask is None and not is_causal:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+        yield i, x
+
+
+def strip_prompts(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Drop prompt tokens (kept right after the layout's prefix) from a sequence of the current forward."""
+    state = get_runner(model).state
+    if state is None or state.num_prompts == 0:
+        return x
+    p, n = state.layout.num_prefix_tokens, state.num_prompts
+    return torch.cat([x[:, :p], x[:, p + n:]], dim=1)
+
+
+def _strip_state_prompts(state: TokenState) -> None:
+    if state.num_prompts == 0:
+        return
+    p, n = state.layout.num_prefix_tokens, state.num_prompts
+    if state.sizes is not None:
+        state.sizes = torch.cat([state.sizes[:, :p], state.sizes[:, p + n:]], dim=1)
+    if state.source is not None:
+        state.source = torch.where(state.source >= p + n, state.source - n, state.source)
+    state.num_prompts = 0
+
+
+def forward_features(model: VisionTransformer, x: torch.Tensor, attn_mask=None, is_causal=False) -> torch.Tensor:
+    """timm's `forward_features` through the block runner: embed, blocks, strip prompts, final norm."""
+    x = embed(model, x)
+    for _, x in run_blocks(model, x, attn_mask, is_causal):
+        pass
+    x = strip_prompts(model, x)
+    _strip_state_prompts(get_runner(model).state)
+    return model.norm(x)
+
+
+def pool(model: VisionTransformer, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+    """timm's pooling, size-weighted for 'avg' when tokens stand for several patches (merged tokens)."""
+    state = get_runner(model).state
+    pool_type = model.global_pool if pool_type is None else pool_type
+    sizes = None if state is None else state.sizes
+    if (sizes is not None and model.attn_pool is None and pool_type in ("avg", "avgmax")
+            and sizes.shape[:2] == x.shape[:2] and not model.pool_include_prefix):
+        p = model.num_prefix_tokens
+        w = sizes[:, p:].to(x.dtype)
+        avg = (x[:, p:] * w).sum(1) / w.sum(1)
+        return avg if pool_type == "avg" else 0.5 * (avg + x[:, p:].amax(1))
+    return VisionTransformer.pool(model, x, pool_type)
+
+
+def _to_grid(model, y: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """(B, P+N, C) tokens of the current forward -> (B, C, gh, gw), unmerging through the source map."""
+    B, _, C = y.shape
+    gh, gw = state.grid
+    patches = y[:, state.layout.num_prefix_tokens:]
+    if patches.shape[1] != gh * gw:
+        if state.source is None:
+            raise ValueError(f"forward_intermediates: {patches.shape[1]} patch tokens do not fill the "
+                             f"{gh}x{gw} grid and no source map was kept; use output_fmt='NLC'")
+        idx = state.source.unsqueeze(-1).expand(B, gh * gw, C)
+        patches = y.gather(1, idx)
+    return patches.reshape(B, gh, gw, C).permute(0, 3, 1, 2).contiguous()
+
+
+def forward_intermediates(model: VisionTransformer, x: torch.Tensor, indices=None, return_prefix_tokens: bool = False,
+                          norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                          intermediates_only: bool = False, output_dict: bool = False, attn_mask=None,
+                          is_causal: bool = False):
+    """timm's `forward_intermediates` through the block runner; prompts stripped, merged tokens unmerged."""
+    from timm.models._features import feature_take_indices
+
+    if output_fmt not in ("NCHW", "NLC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+    take, max_index = feature_take_indices(len(model.blocks), indices)
+    x = embed(model, x)
+    state = get_runner(model).state
+    p = state.layout.num_prefix_tokens
+    features, prefixes = [], []
+    for i, x in run_blocks(model, x, attn_mask, is_causal, upto=max_index if stop_early else None):
+        if i in take:
+            y = strip_prompts(model, x)
+            y = model.norm(y) if norm else y
+            prefixes.append(y[:, :p])
+            features.append(_to_grid(model, y, state) if output_fmt == "NCHW" else y[:, p:])
+    x = strip_prompts(model, x)
+    _strip_state_prompts(state)
+    if output_dict:
+        out = {"image_intermediates": features}
+        if p and return_prefix_tokens:
+            out["image_intermediates_prefix"] = prefixes
+        if not intermediates_only:
+            out["image_features"] = model.norm(x)
+        return out
+    if return_prefix_tokens and p:
+        features = list(zip(features, prefixes))
+    if intermediates_only:
+        return features
+    return model.norm(x), features

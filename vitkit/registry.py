@@ -1,0 +1,186 @@
+"""The method registry: every method's name, kind, config and `apply`, and the methods applied to a model.
+
+A method module ends with one call, `register("name", kind=..., config=Config, apply=apply)`; the registry
+imports every module of the method packages (`vitkit.adapt`, `vitkit.tokens`, `vitkit.compress`) on first
+use, so a new method appears in `vk.methods()`, the CLI, the demo and the conformance tests by existing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch.nn as nn
+
+KINDS = ("adapt", "accelerate", "compress")
+METHOD_PACKAGES = ("vitkit.adapt", "vitkit.tokens", "vitkit.compress")
+_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name: registry name (lower case, `-` separated).
+        kind: one of `KINDS`.
+        config: the method's `Config` dataclass (paper defaults, help on every field).
+        apply: `apply(model, cfg) -> model`.
+        identity: config overrides at which the method leaves outputs unchanged (None: no such setting).
+        doc: first line of the method module's docstring.
+    """
+
+    name: str
+    kind: str
+    config: type
+    apply: Callable[[nn.Module, Any], nn.Module]
+    identity: Optional[dict] = None
+    doc: str = ""
+
+    def fields(self) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, help) for every config field."""
+        hints = typing.get_type_hints(self.config)
+        out = []
+        for f in dataclasses.fields(self.config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+        return out
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One method applied to a model, recorded in order on the model."""
+
+    name: str
+    config: Any
+
+
+_REGISTRY: dict[str, Method] = {}
+_discovered = False
+
+
+def register(name: str, *, kind: str, config: type, apply: Callable, identity: Optional[dict] = None) -> None:
+    """Register a method. Called once, at the foot of the method's module."""
+    if not _NAME.match(name):
+        raise ValueError(f"method name `{name}` must be lower case letters, digits and `-`")
+    if kind not in KINDS:
+        raise ValueError(f"method `{name}`: kind must be one of {KINDS}, got `{kind}`")
+    if name in _REGISTRY and _REGISTRY[name].apply is not apply:
+        raise ValueError(f"method `{name}` is already registered by {_REGISTRY[name].apply.__module__}")
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"method `{name}`: config must be a dataclass, got {config!r}")
+    missing_help = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
+    if missing_help:
+        raise ValueError(f"method `{name}`: config fields {missing_help} need metadata={{'help': ...}}")
+    module = importlib.import_module(apply.__module__)
+    doc = (module.__doc__ or "").strip().splitlines()
+    _REGISTRY[name] = Method(name, kind, config, apply, identity, doc[0] if doc else "")
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for package_name in METHOD_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_") and not info.name.endswith(("_algo", "_layer")):
+                importlib.import_module(f"{package_name}.{info.name}")
+
+
+def methods(kind: Optional[str] = None) -> list[Method]:
+    """Every registered method (of one kind when given), sorted by kind then name."""
+    _discover()
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown kind `{kind}`; kinds: {', '.join(KINDS)}")
+    found = [m for m in _REGISTRY.values() if kind is None or m.kind == kind]
+    return sorted(found, key=lambda m: (KINDS.index(m.kind), m.name))
+
+
+def get(name: str) -> Method:
+    """The method called `name`; an unknown name raises a `ValueError` listing the closest names."""
+    _discover()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(f'`{c}`' for c in close)}? " if close else ""
+    raise ValueError(f"unknown method `{name}`; {hint}registered: {', '.join(sorted(_REGISTRY))}")
+
+
+def make_config(method: Method, **kwargs) -> Any:
+    """Build a method's config, naming unknown or ill-typed fields and listing the valid ones."""
+    hints = typing.get_type_hints(method.config)
+    valid = [f.name for f in dataclasses.fields(method.config)]
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise TypeError(f"{method.name}: unknown config field(s) {unknown}; valid fields: {', '.join(valid) or 'none'}")
+    for key, value in kwargs.items():
+        if not _type_ok(value, hints[key]):
+            raise TypeError(f"{method.name}: `{key}` must be {_type_name(hints[key])}, got {value!r}; "
+                            f"valid fields: {', '.join(valid)}")
+        if typing.get_origin(hints[key]) is tuple and isinstance(value, list):  # from JSON or YAML
+            kwargs[key] = tuple(value)
+    return method.config(**kwargs)
+
+
+def apply(model: nn.Module, name: str, *, kind: Optional[str] = None, **config) -> nn.Module:
+    """Apply method `name` with `config` to `model` in place, record it on the model and return the model."""
+    method = get(name)
+    if kind is not None and method.kind != kind:
+        raise ValueError(f"`{name}` is an {method.kind} method; call vk.{method.kind}(model, {name!r}, ...) "
+                         f"or vk.apply(model, {name!r}, ...)")
+    cfg = make_config(method, **config)
+    model = method.apply(model, cfg)
+    applied(model).append(Applied(name, cfg))
+    return model
+
+
+def applied(model: nn.Module) -> list[Applied]:
+    """The methods applied to `model`, in order (a live list stored on the model)."""
+    return model.__dict__.setdefault("_vitkit_applied", [])
+
+
+def config_dict(cfg: Any) -> dict:
+    """A config as JSON-friendly values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is not None:
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _type_ok(value, hint) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, (tuple, list)) and all(_type_ok(v, args[0]) for v in value) if args else \
+            isinstance(value, (tuple, list))
+    if origin is not None:
+        return isinstance(value, origin)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
