@@ -1,0 +1,123 @@
+"""The `vitkit` command line: one sub-command per task, mirroring the Python API.
+
+Each sub-command is a pair `_add_<name>(subparsers)` / `_run_<name>(args)`; commands that live with their
+task (train, eval, demo, bench, explain) register themselves through `COMMAND_MODULES`: a module there
+exposes `add_commands(subparsers)` and sets `func` on each parser it adds.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands")
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="timm name, hf-hub: id, weights file, save folder or embedded name")
+    parser.add_argument("--arch", help="timm architecture for a weights file (inferred when omitted)")
+    parser.add_argument("--num-classes", type=int, help="classifier size (new head when it differs)")
+    parser.add_argument("--no-pretrained", action="store_true", help="random weights for timm names")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra timm/VisionTransformer argument, e.g. num_heads=4 (repeatable)")
+
+
+def parse_value(text: str):
+    """'4' -> 4, '0.5' -> 0.5, 'true' -> True, '[1,2]' -> [1, 2], else the string (YAML rules)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def parse_pairs(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = parse_value(value)
+    return out
+
+
+def load_model(args: argparse.Namespace):
+    import vitkit as vk
+
+    return vk.load(args.model, arch=args.arch, num_classes=args.num_classes, pretrained=not args.no_pretrained,
+                   **parse_pairs(args.model_arg))
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    import vitkit as vk
+
+    model = load_model(args)
+    for spec in args.method:
+        name, _, rest = spec.partition(":")
+        vk.apply(model, name, **parse_pairs([p for p in rest.split(",") if p]))
+    info = vk.info(model, input_size=args.input_size)
+    print(info)
+    if args.json:
+        print(json.dumps({"total_params": info.total_params, "trainable_params": info.trainable_params,
+                          "gmacs": info.gmacs, "num_prefix_tokens": info.layout.num_prefix_tokens,
+                          "methods": info.methods}, indent=2))
+
+
+def _run_methods(args: argparse.Namespace) -> None:
+    import vitkit as vk
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="vitkit methods")
+    for column in ("name", "kind", "config (default)", "what it is"):
+        table.add_column(column)
+    for method in vk.methods(args.kind):
+        fields = "\n".join(f"{n}={d!r}  {h}" for n, _, d, h in method.fields()) or "-"
+        table.add_row(method.name, method.kind, fields, method.doc)
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitkit", description="Pretrained Vision Transformers: adapt, accelerate, "
+                                     "compress, explain, benchmark.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameters, FLOPs, token layout and methods of a model")
+    _model_args(p)
+    p.add_argument("--input-size", type=int, help="input size in pixels (default: the model's)")
+    p.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]", help="apply a method first")
+    p.add_argument("--json", action="store_true", help="also print JSON")
+    p.set_defaults(func=_run_info)
+
+    p = sub.add_parser("methods", help="list registered methods and their configs")
+    p.add_argument("--kind", choices=("adapt", "accelerate", "compress"), help="only this kind")
+    p.set_defaults(func=_run_methods)
+
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and module_name.startswith(err.name):
+                continue  # that task is not built yet
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
+        if args.verbose:
+            raise
+        print(f"vitkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
