@@ -137,7 +137,7 @@ def build_vit(model_args: dict[str, Any]) -> VisionTransformer:
     """A `VisionTransformer` from JSON-friendly args (`norm_eps` becomes a LayerNorm partial)."""
     args = dict(model_args)
     eps = args.pop("norm_eps", None)
-    if eps is not None:
+    if eps is not None and "norm_layer" not in args:
         args["norm_layer"] = partial(nn.LayerNorm, eps=eps)
     return VisionTransformer(**args)
 
@@ -153,7 +153,7 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
         model = timm.create_model(arch, pretrained=False, num_classes=classes, **timm_kwargs)
         model_args = {"num_classes": classes, **timm_kwargs}
     else:
-        model_args, notes = infer_arch(sd, layout)
+        model_args, notes = infer_arch(sd, layout, given=timm_kwargs)
         model_args.update(timm_kwargs, num_classes=classes)
         _log.info("%s: %s layout; inferred %s", path.name, layout, ", ".join(notes))
         model = build_vit(model_args)
@@ -170,8 +170,12 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
     return model
 
 
-def infer_arch(sd: dict[str, torch.Tensor], layout: str = "timm") -> tuple[dict, list[str]]:
-    """Infer `VisionTransformer` arguments from timm-keyed tensors; returns (model_args, human notes)."""
+def infer_arch(sd: dict[str, torch.Tensor], layout: str = "timm", given: Optional[dict] = None) -> tuple[dict, list[str]]:
+    """Infer `VisionTransformer` arguments from timm-keyed tensors; returns (model_args, human notes).
+
+    `given` arguments (e.g. `num_heads`, which plain weights do not reveal) are reported instead of guessed.
+    """
+    given = given or {}
     if "patch_embed.proj.weight" not in sd:
         raise convert.UnsupportedCheckpoint("cannot infer a ViT: no `patch_embed.proj.weight` in the checkpoint "
                                             f"(first keys: {list(sd)[:6]}); pass arch=...")
@@ -192,7 +196,7 @@ def infer_arch(sd: dict[str, torch.Tensor], layout: str = "timm") -> tuple[dict,
         args["qk_norm"] = True
         args["num_heads"] = D // sd["blocks.0.attn.q_norm.weight"].shape[0]
         notes.append(f"{args['num_heads']} heads (from qk-norm)")
-    else:
+    elif "num_heads" not in given:
         args["num_heads"] = max(1, D // 64)
         notes.append(f"{args['num_heads']} heads ASSUMED (head dim 64; not inferable, pass num_heads= if different)")
     if "blocks.0.ls1.gamma" in sd:
@@ -226,6 +230,7 @@ def infer_arch(sd: dict[str, torch.Tensor], layout: str = "timm") -> tuple[dict,
     if eps is not None:
         args["norm_eps"] = eps
         notes.append(f"LayerNorm eps {eps:g} ({layout} default)")
+    notes += [f"{k}={v} (given)" for k, v in given.items()]
     return args, notes
 
 

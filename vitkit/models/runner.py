@@ -7,7 +7,7 @@ every method that needs the inside of a block registers a function at one of the
     before_block   fn(x, ctx) -> x | None       insert / replace tokens (VPT-deep)
     attn_bias      fn(x, ctx) -> bias | None    additive mask handed to fused SDPA as `attn_mask`
     after_attn     fn(x, ctx) -> x | None       merge / drop / sample tokens after the attention residual
-    mlp_parallel   fn(x, ctx) -> branch         added beside the MLP; sees the residual stream x
+    mlp_parallel   fn(x, ctx) -> branch | None  added beside the MLP; sees the residual stream x
     after_block    fn(x, ctx) -> x | None       read or replace the block output (taps)
 
 One block then computes, calling only timm's own sub-modules in timm's order:
@@ -150,7 +150,8 @@ class Runner:
         branches = [fn(x, ctx) for fn in self._active("mlp_parallel", index)]
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         for branch in branches:
-            x = x + branch
+            if branch is not None:
+                x = x + branch
         for fn in self._active("after_block", index):
             x = _replace(x, fn(x, ctx))
         return x
