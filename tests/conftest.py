@@ -21,6 +21,7 @@ VARIANTS = {
     "no_cls_avg": dict(class_token=False, global_pool="avg"),
     "layerscale": dict(init_values=1e-5),
     "qk_norm": dict(qk_norm=True),
+    "reg_no_cls": dict(reg_tokens=4, class_token=False, no_embed_class=True, global_pool="avg"),
 }
 
 

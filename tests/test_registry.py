@@ -63,3 +63,15 @@ def test_register_rejects_bad_names_and_undocumented_fields():
         registry.register("undocumented", kind="adapt", config=Undocumented, apply=lambda m, c: m)
     with pytest.raises(ValueError, match="kind must be"):
         registry.register("weird", kind="paint", config=Documented, apply=lambda m, c: m)
+
+
+def test_info_counts_and_vit_base_gmacs_match_timm():
+    model = vk.load("vit_base_patch16_224", pretrained=False)
+    info = vk.info(model)
+    assert abs(info.gmacs - 17.6) / 17.6 <= 0.02, f"{info.gmacs:.3f} GMACs, timm publishes 17.6"
+    assert info.total_params == sum(p.numel() for p in model.parameters()) == 86_567_656
+    assert all(b.attn.fused_attn for b in model.blocks), "counting must restore fused attention"
+    vk.adapt(model, "linear")
+    info = vk.info(model)
+    assert info.trainable_params == info.head_params == 768 * 1000 + 1000
+    assert "linear()" in str(info) and f"({100 * 769_000 / 86_567_656:.3f}%)" in str(info)
