@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# pip.conf on the project machines names local wheel folders that may be absent: drop that noise only
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+quiet .venv/bin/python -m pip install -q --upgrade pip
+quiet .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
+quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
