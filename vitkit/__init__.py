@@ -13,6 +13,8 @@ from .info import Info, info
 from .io import save
 from .models import TokenLayout, get_runner, load, token_layout
 from .registry import Method, applied, methods
+from . import data  # vk.data: datasets, transforms, splits
+from .train import fit
 
 
 def apply(model, name: str, **config):
@@ -44,4 +46,4 @@ def compress(model, name: str, **config):
 
 
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
-           "accelerate", "compress", "token_layout", "TokenLayout", "get_runner"]
+           "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit"]

@@ -1,0 +1,166 @@
+"""`vitkit train`, `vitkit eval` and `vitkit demo`: the command-line faces of `vk.fit`, `vk.evaluate`, the demo.
+
+Every option can also come from a YAML recipe (`--config recipe.yaml`, keys = option names with `_`); flags
+given on the command line win over the recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+_log = logging.getLogger("vitkit")
+
+
+def _recipe(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="RECIPE.yaml", help="YAML recipe: option names as keys; flags win")
+    parser.set_defaults(_defaults={a.dest: a.default for a in parser._actions})
+
+
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill options not given on the command line from `args.config` (a YAML mapping)."""
+    if not getattr(args, "config", None):
+        return args
+    import yaml
+
+    recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+    defaults = args._defaults
+    for key, value in recipe.items():
+        dest = key.replace("-", "_")
+        if dest not in defaults:
+            raise ValueError(f"{args.config}: unknown option `{key}`; options: {', '.join(sorted(defaults))}")
+        if getattr(args, dest) == defaults[dest]:
+            setattr(args, dest, value)
+    return args
+
+
+def _data_args(parser: argparse.ArgumentParser, part: str) -> None:
+    parser.add_argument("--data", required=False, help="image folder (root/<class>/*.jpg) or a bundled dataset: digits")
+    parser.add_argument("--split", default=None, metavar="PART=N,...",
+                        help="stratified split, counts per class (train=800,test=200) or fractions (train=0.8,test=0.2)")
+    parser.add_argument("--split-seed", default=0, type=lambda s: None if s.lower() == "none" else int(s),
+                        help="split shuffle seed; `none` keeps the folder order (first N per class)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images")
+    parser.add_argument(f"--{part}-part", default=part, help=f"which split part to {part} on")
+
+
+def load_data(args: argparse.Namespace) -> dict:
+    """The dataset of `--data`, split by `--split` into named parts (`{"all": ds}` without a split)."""
+    from vitkit import data
+    from vitkit.cli import parse_pairs
+
+    if not args.data:
+        raise ValueError("--data is required (an image folder, or `digits`)")
+    kwargs = {"skip_bad": args.skip_bad, "preload": True} if Path(str(args.data)).expanduser().is_dir() else {}
+    dataset = data.get(args.data, **kwargs)
+    if not args.split:
+        return {"all": dataset}
+    parts = parse_pairs([p for p in str(args.split).split(",") if p])
+    return data.split(dataset, seed=args.split_seed, **parts)
+
+
+def apply_methods(model, specs: list[str]):
+    import vitkit as vk
+    from vitkit.cli import parse_pairs
+
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        vk.apply(model, name, **parse_pairs([p for p in rest.split(",") if p]))
+    return model
+
+
+# --- vitkit train ------------------------------------------------------------------------------------------
+def _run_train(args: argparse.Namespace) -> None:
+    import vitkit as vk
+    from vitkit import data
+    from vitkit.cli import load_model, parse_pairs
+
+    args = apply_recipe(args)
+    parts = load_data(args)
+    if args.train_part not in parts:
+        raise ValueError(f"--train-part {args.train_part!r} is not a split part; parts: {', '.join(parts)}")
+    train = parts[args.train_part]
+    args.num_classes = args.num_classes or len(train.classes)
+    model = load_model(args)
+    apply_methods(model, args.method or ["full"])
+    aug = parse_pairs(args.aug)
+    train = train.with_transform(data.transform(model, train=True, **aug))
+    val = parts.get(args.val_part)
+    val = val.with_transform(data.transform(model)) if val is not None and args.val_part != args.train_part else None
+    out = Path(args.out)
+    result = vk.fit(model, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
+                    grad_accum=args.grad_accum, clip_grad=args.clip_grad, label_smoothing=args.label_smoothing,
+                    seed=args.seed, out_dir=out, resume=args.resume, num_workers=args.workers,
+                    progress=not args.no_progress)
+    if args.export:
+        export(model, args.export, dtype=args.export_dtype)
+        print(f"exported weights: {args.export}")
+    summary = {"run_dir": str(result.run_dir), "last": result.history[-1] if result.history else None,
+               "best": result.best}
+    print(json.dumps(summary, indent=2))
+    print(f"results: {out / 'metrics.jsonl'} (also metrics.csv, last.pt, best.pt, model/)")
+
+
+def export(model, path: str | Path, dtype: str = "float32") -> Path:
+    """Write the model's whole state dict to a safetensors file (for embedding or sharing)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vitkit.io import atomic_write
+
+    cast = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    tensors = {k: v.detach().cpu().to(cast if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"producer": "vitkit train --export"}))
+    return Path(path)
+
+
+def _add_train(sub) -> None:
+    from vitkit.cli import _model_args
+
+    p = sub.add_parser("train", help="fine-tune a model (vk.fit): checkpoints, resume, metrics",
+                       description="Fine-tune what the applied methods leave trainable (default: full).")
+    _model_args(p)
+    _data_args(p, "train")
+    p.add_argument("--val-part", default="val", help="split part to validate on each epoch (if present)")
+    p.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="adaptation method(s) to apply first (default: full)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
+                   help="training transform option for timm create_transform, e.g. scale=[0.35,1] (repeatable)")
+    p.add_argument("--out", default="runs/train", help="run folder (checkpoints, metrics)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--export", metavar="FILE.safetensors", help="also write the final weights to this file")
+    p.add_argument("--export-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _recipe(p)
+    p.set_defaults(func=_run_train)
+
+
+def add_commands(sub) -> None:
+    """Add `train`, `eval` and `demo` to the `vitkit` command line."""
+    _add_train(sub)
+    try:
+        from .evaluate import add_command as add_eval
+    except ImportError:
+        pass
+    else:
+        add_eval(sub)
+    try:
+        from .demo import add_command as add_demo
+    except ImportError:
+        pass
+    else:
+        add_demo(sub)

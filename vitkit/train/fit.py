@@ -1,0 +1,268 @@
+"""`vk.fit`: fine-tune whatever requires grad. One function, read top to bottom (after nanoGPT's train.py).
+
+    setup (seeds, Accelerate, optimizer over trainable tensors)  ->  maybe resume  ->  for each epoch:
+        data order from (seed, epoch)  ->  micro-batches (accumulate, clip, step, lr from a pure schedule)
+        ->  validate  ->  checkpoint last (+ best), metrics to JSONL/CSV
+
+Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); nothing here
+knows any method. Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
+model in DDP; each process reads its own shard of the epoch's order). Mixed precision (bf16) only on CUDA.
+
+Exact resume: a checkpoint holds the trained tensors, the optimizer, the schedule's step, the RNG states and
+the next epoch, and the data order is a function of (seed, epoch) only, so a run stopped after any epoch and
+resumed ends bit-for-bit where the uninterrupted run ends (tested on CPU).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vitkit.io import atomic_torch_save, atomic_write
+
+_log = logging.getLogger("vitkit")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns: the run folder, one metrics dict per epoch, and the best epoch's metrics."""
+
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)
+    best: Optional[dict] = None
+
+
+def add_loss(model: nn.Module, fn: Callable) -> None:
+    """Add a loss term `fn(model, images, logits, targets) -> scalar` that `fit` adds to the task loss."""
+    model.__dict__.setdefault("_vitkit_losses", []).append(fn)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
+    """Linear warmup for `warmup` steps, then cosine from `lr` down to `min_lr` at step `total`."""
+    if step < warmup:  # 1) warm up linearly
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 2) cosine decay over the remaining steps
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in np.random.get_state()]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
+    np.random.set_state(tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint keeps: every parameter that requires grad, and every buffer."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
+    """This process's sample order for `epoch`: a permutation seeded by (seed, epoch), padded and strided."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    order += order[: (-len(order)) % world]  # pad so every process gets the same number of batches
+    return order[rank::world]
+
+
+def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.utils.data.Dataset] = None, *,
+        epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0, min_lr: float = 0.0, grad_accum: int = 1, clip_grad: Optional[float] = 1.0,
+        label_smoothing: float = 0.0, seed: int = 0, out_dir: str | Path = "runs/fit", resume: bool | str = False,
+        num_workers: int = 0, amp: bool = True, progress: bool = True,
+        on_epoch_end: Optional[Callable[[dict], None]] = None, save_model: bool = True) -> FitResult:
+    """Train the parameters of `model` that require grad on `train` (batches of `(images, labels)`).
+
+    Args:
+        model: a classifier; methods applied before `fit` decide what trains.
+        train, val: datasets yielding `(image tensor, int label)` (attach a transform with `with_transform`).
+        epochs, lr, batch_size: the budget; `batch_size` is per process and per micro-batch.
+        weight_decay: AdamW decay of matrices (not of biases, norms, tokens or position embeddings).
+        warmup_epochs, min_lr: the learning-rate schedule (`lr_at`), stepped per optimizer step.
+        grad_accum: micro-batches per optimizer step. clip_grad: max gradient norm (None: no clipping).
+        seed: seeds torch, numpy, python and the data order. out_dir: the run folder (checkpoints, metrics).
+        resume: True continues from `out_dir/last.pt` when it exists; a path continues from that file.
+        amp: bf16 autocast when CUDA is present (ignored on CPU). progress: a Rich progress bar.
+        on_epoch_end: called with the epoch's metrics after its checkpoint is written.
+        save_model: `vk.save` the final model into `out_dir/model` (trained tensors only, for adapters).
+    """
+    from accelerate import Accelerator
+
+    # --- setup ---------------------------------------------------------------------------------------------
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    accelerator = Accelerator(mixed_precision="bf16" if amp and torch.cuda.is_available() else "no")
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    run_dir = Path(out_dir)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("fit: no parameter requires grad; apply an adaptation method first, e.g. "
+                         "vk.adapt(model, 'linear') or vk.adapt(model, 'full')")
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay = [p for n, p in params if p.ndim >= 2 and n.split(".")[0] not in skip]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and n.split(".")[0] not in skip)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    extra_losses = model.__dict__.get("_vitkit_losses", [])
+    n_batches = math.ceil(len(epoch_order(len(train), seed, 0, rank, world)) / batch_size)
+    steps_per_epoch = math.ceil(n_batches / grad_accum)
+    total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    step, start_epoch, history, best = 0, 0, [], None
+    config = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                  min_lr=min_lr, grad_accum=grad_accum, clip_grad=clip_grad, label_smoothing=label_smoothing,
+                  seed=seed, world_size=world, trainable=sum(p.numel() for _, p in params))
+
+    # --- resume: weights, optimizer, schedule step, RNG, next epoch ----------------------------------------
+    last = run_dir / "last.pt"
+    source = Path(resume) if isinstance(resume, (str, Path)) else (last if resume and last.is_file() else None)
+    if source is not None:
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        expected = set(trained_state(model))
+        if set(ckpt["model"]) != expected:
+            raise ValueError(f"fit: {source} holds other tensors than this model trains "
+                             f"(missing {sorted(expected - set(ckpt['model']))[:5]}, unexpected "
+                             f"{sorted(set(ckpt['model']) - expected)[:5]}); apply the same methods before resuming")
+        model.load_state_dict(ckpt["model"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, start_epoch = ckpt["scheduler"]["step"], ckpt["epoch"]
+        history, best = ckpt["history"], ckpt["best"]
+        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        _log.info("fit: resumed from %s at epoch %d/%d (step %d)", source, start_epoch, epochs, step)
+    elif resume:
+        _log.info("fit: nothing to resume in %s, starting fresh", run_dir)
+
+    def loader(dataset, indices):
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                           shuffle=False, num_workers=num_workers)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[stats]}"), disable=not (progress and main), transient=False)
+    with bar:
+        for epoch in range(start_epoch, epochs):
+            ddp_model.train()
+            task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=n_batches, stats="")
+            order = epoch_order(len(train), seed, epoch, rank, world)
+            loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+            for i, (images, targets) in enumerate(loader(train, order)):
+                images, targets = images.to(accelerator.device), targets.to(accelerator.device)
+                first = i - i % grad_accum  # first micro-batch of this optimizer step
+                micro = min(grad_accum, n_batches - first)  # micro-batches in this step (the last may be short)
+                sync = i == first + micro - 1
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, lr=lr, warmup=warmup, total=total, min_lr=min_lr)
+                with (nullcontext() if sync else accelerator.no_sync(ddp_model)), accelerator.autocast():
+                    logits = ddp_model(images)  # (B, classes)
+                    loss = criterion(logits.float(), targets)
+                    for extra in extra_losses:
+                        loss = loss + extra(model, images, logits, targets)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"fit: the loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
+                        f"training stopped. Last good checkpoint: {last if last.is_file() else 'none yet'}. "
+                        "Try a lower lr, clip_grad, or check the data for NaN/inf pixels")
+                accelerator.backward(loss / micro)
+                if sync:
+                    if clip_grad is not None:
+                        accelerator.clip_grad_norm_([p for _, p in params], clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                loss_sum += loss.item() * len(targets)
+                correct += (logits.argmax(-1) == targets).sum().item()
+                seen += len(targets)
+                speed = seen * world / (time.perf_counter() - t0)
+                bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f} "
+                                                   f"{speed:.0f} img/s lr {optimizer.param_groups[0]['lr']:.2e}")
+            totals = accelerator.reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
+                                                     device=accelerator.device), "sum").tolist()
+            metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                       "train_loss": totals[0] / totals[2], "train_acc": totals[1] / totals[2],
+                       "img_per_s": totals[2] / (time.perf_counter() - t0), "epoch_time_s": time.perf_counter() - t0}
+            if val is not None:
+                metrics.update(validate(ddp_model, loader(val, list(range(rank, len(val), world))), accelerator))
+            history.append(metrics)
+            score = metrics.get("val_acc", -metrics["train_loss"])
+            improved = best is None or score > best.get("val_acc", -best["train_loss"])
+            best = metrics if improved else best
+
+            # --- checkpoint (atomic: temporary file, then rename) and metrics ---------------------------
+            ckpt = {"model": trained_state(model), "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
+                    "epoch": epoch + 1, "history": history, "best": best, "config": config,
+                    "rng": accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1
+                    else rng_state(), "data_order": {"seed": seed, "next_epoch": epoch + 1}}
+            if main:
+                atomic_torch_save(ckpt, last)
+                if improved:
+                    atomic_torch_save(ckpt, run_dir / "best.pt")
+                write_metrics(run_dir, history)
+                _log.info("epoch %d/%d  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                       if k not in ("epoch",)), epoch + 1, epochs)
+            accelerator.wait_for_everyone()
+            if on_epoch_end is not None:
+                on_epoch_end(metrics)
+    if main and save_model and "_vitkit_base" in model.__dict__:
+        from vitkit.io import save
+
+        save(model, run_dir / "model")
+    return FitResult(run_dir, history, best)
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader, accelerator) -> dict:
+    """Loss and top-1 accuracy of `model` over `loader`, summed over processes."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, targets in loader:
+        images, targets = images.to(accelerator.device), targets.to(accelerator.device)
+        with accelerator.autocast():
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        seen += len(targets)
+    model.train(was_training)
+    totals = accelerator.reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
+                                             device=accelerator.device), "sum").tolist()
+    return {"val_loss": totals[0] / max(totals[2], 1), "val_acc": totals[1] / max(totals[2], 1)}
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """One JSON line and one CSV row per epoch (rewritten whole, atomically, so a resume never duplicates)."""
+    atomic_write(run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(
+        "".join(json.dumps(h) + "\n" for h in history)))
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
