@@ -107,7 +107,7 @@ def load_dir(path: str | os.PathLike, base: str | os.PathLike | None = None, **o
     elif recorded["kind"] == "timm":
         model = loading.load_timm(recorded["name"], pretrained=recorded["pretrained"], **model_args)
     elif recorded["kind"] == "embedded":
-        model = loading.load(recorded["name"], **overrides)
+        model = loading.load(recorded["name"], pretrained=recorded.get("pretrained", True), **overrides)
     else:
         file = Path(recorded["path"])
         if not file.is_file():

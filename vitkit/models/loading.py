@@ -61,8 +61,14 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
     path = Path(source).expanduser()
     if source in EMBEDDED:
         entry = EMBEDDED[source]
-        model = load_file(entry["file"], num_classes=num_classes, **{**entry["model_args"], **timm_kwargs})
-        model.__dict__["_vitkit_base"].update(kind="embedded", name=source)
+        args = {**entry["model_args"], **timm_kwargs}
+        if not pretrained:  # the random-initialised twin: same architecture, no trained weights
+            model = build_vit({**args, **({"num_classes": num_classes} if num_classes is not None else {})})
+            _record_base(model, {"kind": "embedded", "name": source, "pretrained": False, "model_args": args},
+                         fingerprint=False)
+            return model
+        model = load_file(entry["file"], num_classes=num_classes, **args)
+        model.__dict__["_vitkit_base"].update(kind="embedded", name=source, pretrained=True)
         return model
     if path.is_dir():
         return io.load_dir(path, **({"num_classes": num_classes} if num_classes is not None else {}))
