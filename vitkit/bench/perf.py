@@ -1,0 +1,108 @@
+"""Cost of a model next to its baseline, measured in one run (bench.md §4, report contract).
+
+Throughput: random input, warm-up, then rounds that alternate baseline and model (A B A B ...), each round at
+least `min_iters` iterations and `min_seconds`; the median over rounds is reported with the spread. Memory:
+CUDA `max_memory_allocated` after `reset_peak_memory_stats`; on CPU the peak resident memory of this process
+sampled every millisecond during a forward, minus the resident memory before it (approximate, never compared
+with CUDA; `mem_kind` says which). FLOPs: `vitkit.info.count_gmacs` (attention counted on the eager path).
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+import torch
+import torch.nn as nn
+
+from vitkit.info import count_gmacs
+
+
+def _input(model: nn.Module, batch: int, device: str) -> torch.Tensor:
+    chans = model.patch_embed.proj.in_channels
+    h, w = model.patch_embed.img_size
+    return torch.randn(batch, chans, h, w, device=device)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def _time_round(model: nn.Module, x: torch.Tensor, min_iters: int, min_seconds: float, device: str) -> float:
+    """Images per second over one round."""
+    _sync(device)
+    start, iters = time.perf_counter(), 0
+    while iters < min_iters or time.perf_counter() - start < min_seconds:
+        model(x)
+        iters += 1
+    _sync(device)
+    return iters * x.shape[0] / (time.perf_counter() - start)
+
+
+def peak_memory_mib(model: nn.Module, x: torch.Tensor, device: str) -> tuple[float, str]:
+    """Peak extra memory of one forward (MiB) and how it was measured."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            model(x)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda-max-allocated"
+    import psutil
+
+    process = psutil.Process()
+    base = process.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    with torch.no_grad():
+        model(x)
+    done.set()
+    thread.join()
+    return max(0.0, (peak[0] - base) / 2**20), "cpu-rss-sampled"
+
+
+def compare(baseline: nn.Module, model: nn.Module, *, batch: int = 8, device: str = "cpu", rounds: int = 5,
+            min_iters: int = 10, min_seconds: float = 0.5, warmup: int = 3) -> dict:
+    """Throughput, latency, FLOPs and memory of `model` and of `baseline`, interleaved, with ratios."""
+    baseline.eval().to(device)
+    model.eval().to(device)
+    x = _input(model, batch, device)
+    x1 = x[:1]
+    with torch.no_grad():
+        for _ in range(warmup):
+            baseline(x), model(x)
+    speeds = {"baseline": [], "model": []}
+    for _ in range(rounds):
+        speeds["baseline"].append(_time_round(baseline, x, min_iters, min_seconds, device))
+        speeds["model"].append(_time_round(model, x, min_iters, min_seconds, device))
+    latency = []
+    with torch.no_grad():
+        for _ in range(max(min_iters, 5)):
+            _sync(device)
+            start = time.perf_counter()
+            model(x1)
+            _sync(device)
+            latency.append(1000 * (time.perf_counter() - start))
+    mem, mem_kind = peak_memory_mib(model, x, device)
+    base_mem, _ = peak_memory_mib(baseline, x, device)
+    input_size = tuple(x.shape[1:])
+    gmacs, base_gmacs = count_gmacs(model, input_size), count_gmacs(baseline, input_size)
+    ips, base_ips = statistics.median(speeds["model"]), statistics.median(speeds["baseline"])
+    return {
+        "batch": batch, "device": device, "threads": torch.get_num_threads(),
+        "throughput_ips": ips, "throughput_spread": [min(speeds["model"]), max(speeds["model"])],
+        "baseline_ips": base_ips, "speedup": ips / base_ips,
+        "latency_ms_b1": statistics.median(latency),
+        "gmacs": gmacs, "gflops": 2 * gmacs, "flops_method": "eager-attn", "flops_ratio": gmacs / base_gmacs,
+        "peak_mem_mib": mem, "baseline_peak_mem_mib": base_mem, "mem_ratio": mem / base_mem if base_mem else None,
+        "mem_kind": mem_kind,
+    }

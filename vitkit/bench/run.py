@@ -1,0 +1,250 @@
+"""`vk.bench`: run every cell of a recipe once, append one JSON row per cell, resume, and report.
+
+The run folder holds `rows.jsonl` (one line per finished cell, written with one write + flush + fsync; a
+truncated last line is ignored), `results.md`, `results.json`, `env.json`, `plots/*.png` and `cells/<key>/`
+(fit checkpoints and saved adapters). A cell whose key already has an `ok` row is never recomputed; a failing
+cell becomes an `error` row and the run goes on. `executor="ray"` runs cells as Ray tasks (the driver stays
+the only writer of `rows.jsonl`). Hand-written: no library runs backbone x method x protocol grids with
+these outputs (see bench.md "Why").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import report
+from .recipe import Cell, Recipe, Task, check_chain, has_adapter, load_recipe, parse_chain
+
+_log = logging.getLogger("vitkit")
+
+
+# ---------------------------------------------------------------------------------------------- rows file
+def read_rows(path: Path) -> list[dict]:
+    """Rows of `rows.jsonl`; a truncated last line (a run killed mid-write) is ignored."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                _log.warning("%s: ignoring a truncated line", path)
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fingerprint(device: str) -> dict:
+    import timm
+
+    import vitkit
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or platform.machine())
+    return {"device": device, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "timm": timm.__version__, "vitkit": vitkit.__version__, "python": platform.python_version()}
+
+
+# ---------------------------------------------------------------------------------------------- data
+_TASK_CACHE: dict[Task, tuple] = {}
+
+
+def task_data(task: Task):
+    """(train, eval, split_sha256) of a task, untransformed; cached per process."""
+    import vitkit as vk
+
+    if task not in _TASK_CACHE:
+        if task.name == "digits":
+            parts = vk.data.split(vk.data.digits(), seed=0, train=0.8, eval=0.2)
+        else:
+            folder = vk.data.image_folder(task.root, preload=True)
+            parts = vk.data.split(folder, seed=None, train=task.train, eval=task.eval)
+        digest = hashlib.sha256(json.dumps({k: v.indices for k, v in parts.items()}).encode()).hexdigest()[:16]
+        _TASK_CACHE[task] = (parts["train"], parts["eval"], digest)
+    return _TASK_CACHE[task]
+
+
+# ---------------------------------------------------------------------------------------------- one cell
+def build(cell: Cell, num_classes: Optional[int] = None):
+    """The cell's backbone with its chain applied (seeded, so random-init backbones are reproducible)."""
+    import vitkit as vk
+
+    torch.manual_seed(cell.seed)
+    model = vk.load(cell.backbone.source, num_classes=num_classes, **cell.backbone.args)
+    if cell.protocol == "finetune" and not has_adapter(cell.chain):
+        vk.adapt(model, "full")  # a chain without adapters is fine-tuned end to end
+    for name, config in parse_chain(cell.chain):
+        vk.apply(model, name, **config)
+    return model
+
+
+def run_cell(cell: Cell, recipe: Recipe, out: Path, device: str = "cpu") -> dict:
+    """Compute one cell and return its row (never raises: errors become `status: error` rows)."""
+    started = time.time()
+    row = {"key": cell.key, "backbone": cell.backbone.name, "chain": cell.chain or "baseline",
+           "task": cell.task.name, "protocol": cell.protocol, "seed": cell.seed, "started": started,
+           "fingerprint": fingerprint(device)}
+    try:
+        problem = check_chain(cell.chain)
+        if problem:
+            raise ValueError(problem)
+        row.update(_perf_cell(cell, recipe, device) if cell.protocol == "perf" else
+                   _accuracy_cell(cell, recipe, out / "cells" / cell.key, device))
+        row["status"] = "ok"
+    except Exception as err:  # noqa: BLE001 - a failing cell is a row, not a crash
+        row.update(status="error", error=f"{type(err).__name__}: {err}")
+        _log.warning("cell %s failed: %s", cell.label(), row["error"])
+    row["seconds"] = time.time() - started
+    return row
+
+
+def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
+    import vitkit as vk
+
+    from .perf import compare
+
+    model = build(cell)
+    baseline = build(Cell(cell.backbone, "", cell.task, cell.protocol, cell.seed))
+    info = vk.info(model)
+    return {"params": info.total_params, **compare(baseline, model, batch=recipe.perf_batch, device=device)}
+
+
+def _accuracy_cell(cell: Cell, recipe: Recipe, cell_dir: Path, device: str) -> dict:
+    import vitkit as vk
+
+    train, evaluation, split_sha = task_data(cell.task)
+    model = build(cell, num_classes=len(train.classes)).to(device)
+    transform = vk.data.transform(model, **cell.backbone.data)
+    train_t, eval_t = train.with_transform(transform), evaluation.with_transform(transform)
+    info = vk.info(model)
+    row = {"split_sha256": split_sha, "params": info.total_params, "n_train": len(train), "n_eval": len(evaluation)}
+    if cell.protocol == "finetune":
+        budget = recipe.budget
+        lr = budget.lr if has_adapter(cell.chain) else budget.full_lr
+        result = vk.fit(model, train_t, epochs=budget.epochs, lr=lr, batch_size=budget.batch_size, seed=cell.seed,
+                        out_dir=cell_dir / "fit", resume=True, progress=False, save_model=False)
+        saved = vk.save(model, cell_dir / "model")
+        metrics = vk.evaluate(model, eval_t, protocol="finetuned")
+        row.update(trainable_params=info.trainable_params, trainable_frac=info.trainable_fraction,
+                   adapter_bytes=(saved / "weights.safetensors").stat().st_size,
+                   train_step_s=getattr(result, "step_seconds", None), lr=lr)
+        evaluate = lambda data: vk.evaluate(model, data, protocol="finetuned")["top1"]  # noqa: E731
+    else:
+        model.requires_grad_(False)
+        metrics = vk.evaluate(model, eval_t, protocol=cell.protocol, train=train_t, seed=cell.seed)
+        evaluate = lambda data: vk.evaluate(model, data, protocol=cell.protocol, train=train_t,  # noqa: E731
+                                            seed=cell.seed)["top1"]
+    row["acc"] = metrics["top1"]
+    if recipe.ood:
+        from .ood import OODDataset
+
+        row["ood"] = {v: evaluate(OODDataset(evaluation, v, seed=cell.seed).with_transform(transform))
+                      for v in recipe.ood}
+        row["ood_mean"] = sum(row["ood"].values()) / len(row["ood"])
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class BenchResult:
+    """Rows of a finished run, plus what this call computed (for resume checks)."""
+
+    def __init__(self, out: Path, rows: list[dict], computed: list[str]):
+        self.out, self.rows, self.computed = out, rows, computed
+
+    def table(self) -> str:
+        return (self.out / "results.md").read_text()
+
+
+def cells_of(recipe: Recipe) -> list[Cell]:
+    cells = recipe.cells()
+    if recipe.perf:
+        seen = set()
+        for cell in list(cells):
+            if (cell.backbone, cell.chain) not in seen:
+                seen.add((cell.backbone, cell.chain))
+                cells.append(Cell(cell.backbone, cell.chain, Task("perf"), "perf", 0))
+    return cells
+
+
+def bench(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike = "runs/bench", *,
+          executor: str = "local", ray_address: Optional[str] = None, device: str = "cpu", resume: bool = True,
+          retry_failed: bool = False, progress: bool = True,
+          on_row: Optional[Callable[[dict], None]] = None) -> BenchResult:
+    """Run a recipe; see the module docstring. Returns the rows of the whole run folder."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    if not resume and rows_path.exists():
+        rows_path.unlink()
+    done = {r["key"] for r in read_rows(rows_path) if r["status"] == "ok" or not retry_failed}
+    todo = [c for c in cells_of(recipe) if c.key not in done]
+    (out / "env.json").write_text(json.dumps(fingerprint(device), indent=2))
+    computed: list[str] = []
+
+    def record(row: dict) -> None:
+        append_row(rows_path, row)
+        computed.append(row["key"])
+        if on_row is not None:
+            on_row(row)
+
+    if executor == "local":
+        _run_local(todo, recipe, out, device, record, progress)
+    elif executor == "ray":
+        _run_ray(todo, recipe, out, device, record, ray_address)
+    else:
+        raise ValueError(f"unknown executor `{executor}`; use 'local' or 'ray'")
+    rows = read_rows(rows_path)
+    report.write(out, rows)
+    return BenchResult(out, rows, computed)
+
+
+def _run_local(todo, recipe, out, device, record, progress) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), disable=not progress) as bar:
+        task = bar.add_task("", total=len(todo))
+        for cell in todo:
+            bar.update(task, description=cell.label())
+            record(run_cell(cell, recipe, out, device))
+            bar.advance(task)
+
+
+def _run_ray(todo, recipe, out, device, record, address) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("the ray executor needs Ray: pip install \"vitkit[ray]\"") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    remote = ray.remote(num_cpus=1, max_retries=1)(run_cell)
+    pending = [remote.remote(cell, recipe, out.resolve(), device) for cell in todo]
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            record(ray.get(ready[0]))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def dry_run(recipe: Recipe, out: Path) -> list[tuple[Cell, bool]]:
+    """Every cell of the recipe and whether it is already finished."""
+    done = {r["key"] for r in read_rows(Path(out) / "rows.jsonl") if r["status"] == "ok"}
+    return [(c, c.key in done) for c in cells_of(recipe)]
+
