@@ -15,6 +15,7 @@ from .models import TokenLayout, get_runner, load, token_layout
 from .registry import Method, applied, methods
 from . import data  # vk.data: datasets, transforms, splits
 from .train import fit
+from .explain import attention, explain, segment, similarity_overlap  # vk.explain & co.
 
 
 def apply(model, name: str, **config):
@@ -46,4 +47,5 @@ def compress(model, name: str, **config):
 
 
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
-           "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit"]
+           "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit",
+           "attention", "explain", "segment", "similarity_overlap"]

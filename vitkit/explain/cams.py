@@ -1,0 +1,104 @@
+"""Grad-CAM on a timm ViT through pytorch-grad-cam, with a reshape that reads the token layout.
+
+Library: `grad-cam` on PyPI (jacobgil/pytorch-grad-cam, MIT). Its ViT recipe,
+`pytorch_grad_cam.utils.reshape_transforms.vit_reshape_transform(tensor, height=14, width=14)`, drops exactly one
+prefix token and assumes a 14×14 grid, so it raises on register models (`reg_tokens=4`: 4 extra tokens) and at
+any other input size. vitkit passes `TokenReshape` instead: at the target layer's forward it records the token
+state (prefix count, prompts, the grid of this input, the source map of merged tokens) and turns (B, N, C) tokens
+into (B, C, gh, gw); merged tokens are copied back to every patch they stand for.
+
+*Plugs in at.* The library's own forward hook on the target layer (default `blocks[-1].norm1`, the
+tutorial's choice); vitkit adds a forward pre-hook on the same layer to snapshot the token state.
+*Hand-written here:* only the reshape; the CAM (weights = spatially averaged gradients) is the library's.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vitkit.models.layout import token_layout
+
+
+class TokenReshape:
+    """pytorch-grad-cam `reshape_transform` for timm ViTs: (B, N, C) -> (B, C, gh, gw) from the token layout.
+
+    Call `snapshot` (a forward pre-hook on the target layer) before the layer runs; the gradient reshape, which
+    the library applies during backward, reuses the same snapshot.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layout = token_layout(model)
+        self.grid = self.layout.grid_size
+        self.num_prefix = self.layout.num_prefix_tokens
+        self.source: Optional[torch.Tensor] = None
+
+    def set_input(self, x: torch.Tensor) -> None:
+        self.grid = self.layout.grid(tuple(x.shape[-2:]))
+
+    def snapshot(self, module, args) -> None:
+        from vitkit.models.runner import get_runner, has_runner
+
+        state = get_runner(self.model).state if has_runner(self.model) else None
+        self.num_prefix = self.layout.num_prefix_tokens + (state.num_prompts if state is not None else 0)
+        self.source = None if state is None or state.source is None else state.source.clone()
+        if state is not None:
+            self.grid = tuple(state.grid)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        gh, gw = self.grid
+        B, _, C = tokens.shape
+        patches = tokens[:, self.num_prefix:]
+        if self.source is not None:
+            idx = (self.source - self.num_prefix).unsqueeze(-1).expand(B, gh * gw, C)
+            patches = patches.gather(1, idx)
+        if patches.shape[1] != gh * gw:
+            raise ValueError(f"gradcam: {patches.shape[1]} patch tokens do not fill the {gh}x{gw} grid "
+                             "(token reduction without a source map?)")
+        return patches.reshape(B, gh, gw, C).permute(0, 3, 1, 2)
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, target: Union[None, int, Sequence[int]] = None, layer: int = -1,
+            target_module: Optional[nn.Module] = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Grad-CAM of `model` on normalised images `x` (B, C, H, W).
+
+    Args:
+        target: class index (or one per image); the predicted class when None.
+        layer: block whose `norm1` is the target layer (ignored when `target_module` is given).
+        target_module: any module whose output is the (B, N, C) token sequence.
+
+    Returns:
+        (patch_map (B, gh, gw) raw ReLU'd CAM, heatmap (B, H, W) the library's min-max scaled, resized CAM,
+        targets used).
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    module = target_module if target_module is not None else model.blocks[layer].norm1
+    reshape = TokenReshape(model)
+    reshape.set_input(x)
+    was_training = model.training
+    handle = module.register_forward_pre_hook(reshape.snapshot)
+    try:
+        with torch.enable_grad(), GradCAM(model=model, target_layers=[module], reshape_transform=reshape) as cam:
+            if target is None:
+                targets = None
+            else:
+                ids = [target] * x.shape[0] if isinstance(target, int) else list(target)
+                targets = [ClassifierOutputTarget(int(t)) for t in ids]
+            heat = cam(input_tensor=x, targets=targets)
+            if targets is None:
+                ids = cam.outputs.argmax(-1).tolist()
+            acts = [a.cpu().numpy() for a in cam.activations_and_grads.activations]
+            grads = [g.cpu().numpy() for g in cam.activations_and_grads.gradients]
+            raw = cam.get_cam_image(x, module, targets, acts[0], grads[0], False)
+    finally:
+        handle.remove()
+        model.train(was_training)
+        for p in model.parameters():  # the library's backward leaves parameter gradients behind
+            p.grad = None
+    patch_map = torch.from_numpy(np.maximum(raw, 0)).float()
+    return patch_map, torch.from_numpy(heat).float(), [int(i) for i in ids]

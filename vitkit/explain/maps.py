@@ -1,0 +1,159 @@
+"""`vk.explain(model, image, method=...)`: attention, attention rollout and Grad-CAM as heatmaps.
+
+Every method returns an `Explanation`: the raw patch map on the current grid (registers, class token and prompts
+dropped; merged tokens mapped back through the source map) and a heatmap bilinearly upsampled to the input
+resolution and divided by its maximum. Fused attention stays on throughout (`attention.py`).
+
+Spec: ../shared/methods/explain.md (E1, E2). Docs: docs/explain.md.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from . import rollout_algo
+from .attention import LayerAttention, attention, select
+from .image import ImageLike, normalise_max, overlay, prepare, upsample
+
+_log = logging.getLogger("vitkit")
+METHODS = ("attention", "rollout", "gradcam")
+
+
+@dataclass
+class Explanation:
+    """What `vk.explain` returns.
+
+    Attributes:
+        method: the explanation method.
+        heatmap: (B, H, W) map at input resolution, values in [0, 1].
+        patch_map: (B, gh, gw) raw map on the patch grid (before normalisation).
+        target: class indices explained (gradcam), else None.
+        image: the resized RGB image the input shows (None when a tensor was passed).
+        logits: (B, num_classes) model output of the explained forward, when available.
+    """
+
+    method: str
+    heatmap: torch.Tensor
+    patch_map: torch.Tensor
+    target: Optional[list[int]] = None
+    image: Optional[Image.Image] = None
+    logits: Optional[torch.Tensor] = None
+
+    def overlay(self, index: int = 0, alpha: float = 0.5) -> Image.Image:
+        """The heatmap of sample `index` blended over its image (a grey canvas when there is none)."""
+        heat = self.heatmap[index].detach().cpu().numpy()
+        base = self.image if self.image is not None else Image.new("RGB", heat.shape[::-1], (128, 128, 128))
+        return overlay(base, heat, alpha=alpha)
+
+    def save(self, path: Union[str, Path], index: int = 0, scale: int = 1) -> tuple[Path, Path]:
+        """Write the overlay PNG at `path` (upscaled `scale` times) and the raw patch map next to it as `.npy`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = self.overlay(index)
+        if scale > 1:
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        img.save(path)
+        npy = path.with_suffix(".npy")
+        np.save(npy, self.patch_map[index].detach().cpu().numpy())
+        return path, npy
+
+
+def _expand(la: LayerAttention, head: str) -> torch.Tensor:
+    """(B, N', N') head-fused attention on the full [prefix | prompts | patches] sequence.
+
+    After token reduction token t stands for the patches that `source` maps to it: full row i copies the row of
+    i's token, and a column gets its token's attention divided by the token's size, so rows still sum to 1.
+    """
+    a = rollout_algo.fuse_heads(la.attn, head)
+    if la.source is None:
+        return a
+    B, P = a.shape[0], la.num_prefix_tokens
+    s = torch.cat([torch.arange(P, device=a.device).expand(B, P), la.source], dim=1)  # (B, N')
+    a = a.gather(1, s.unsqueeze(-1).expand(B, s.shape[1], a.shape[-1]))
+    if la.sizes is not None:
+        a = a / la.sizes[..., 0].to(a.dtype).unsqueeze(1)
+    return a.gather(2, s.unsqueeze(1).expand(B, s.shape[1], s.shape[1]))
+
+
+def rollout_map(maps, head_fusion: str = "mean", discard_ratio: float = 0.0, legacy: bool = False) -> torch.Tensor:
+    """(B, gh, gw) rollout map from captured attention (all layers, first to last), divided by its maximum.
+
+    Query: the class token's row; models without one use the mean of the patch rows. Patch columns only.
+    """
+    layers = [maps[i] for i in sorted(maps)]
+    first = layers[0]
+    full = [_expand(la, head_fusion) for la in layers]
+    if len({a.shape[-1] for a in full}) != 1:
+        raise NotImplementedError(f"rollout: the number of prompt tokens changes across blocks "
+                                  f"({[la.num_prompts for la in layers]}); rollout needs one token set")
+    cls = first.layout.cls_index
+    R = rollout_algo.rollout(full, head_fusion=head_fusion, discard_ratio=discard_ratio, protect=cls, legacy=legacy)
+    P = first.num_prefix_tokens
+    row = R[:, cls] if cls is not None else R[:, P:].mean(1)
+    m = row[:, P:].reshape(row.shape[0], *first.grid)
+    if (m.flatten(1).amax(1) <= 0).any():
+        warnings.warn("rollout: the query keeps all its mass on prefix tokens (e.g. identity attention); "
+                      "the patch map is all zeros", RuntimeWarning, stacklevel=2)
+    return normalise_max(m)
+
+
+def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str = "rollout",
+            target: Union[None, int, Sequence[int]] = None, *, layer: int = -1, head: Union[str, int] = "mean",
+            query="cls", head_fusion: str = "mean", discard_ratio: float = 0.0, legacy_vit_explain: bool = False,
+            size: Union[None, int, Sequence[int]] = None, mean=None, std=None) -> Explanation:
+    """Explain what `model` looks at in `image`.
+
+    Args:
+        model: a timm VisionTransformer (adapters / token reduction applied or not); fused attention stays on.
+        image: a path, PIL image or array (resized to `size` and normalised with `mean`/`std`, default the
+            model's `pretrained_cfg` or ImageNet's), or a normalised tensor (C, H, W) / (B, C, H, W).
+        method: 'attention' (one layer's attention from `query` to the patches, heads fused by `head`),
+            'rollout' (Abnar & Zuidema 2020; `head_fusion`, `discard_ratio`) or 'gradcam' (pytorch-grad-cam on
+            `blocks[layer].norm1`, for class `target`, default the prediction).
+        target: class index (gradcam).
+        layer: block for 'attention' and 'gradcam'.
+        head: 'mean', 'max', 'min' or a head index ('attention').
+        query: 'cls' (falls back to the mean of patch queries without a class token), 'mean', or see
+            `LayerAttention.query_rows`.
+        legacy_vit_explain: reproduce vit-explain's row-normalisation bug (rollout; for comparisons only).
+        size: input size (H, W) for images given as files/arrays; default the model's.
+
+    Returns:
+        `Explanation` with `heatmap` (B, H, W) in [0, 1] and `patch_map` (B, gh, gw).
+    """
+    if method not in METHODS:
+        raise ValueError(f"explain: unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    x, pil = prepare(model, image, size=size, mean=mean, std=std)
+    H, W = x.shape[-2:]
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "gradcam":
+            patch_map, heat, ids = _gradcam(model, x, target, layer)
+            return Explanation(method, heat, patch_map, ids, pil)
+        if target is not None:
+            _log.info("explain: `target` is ignored by the class-agnostic method %r", method)
+        if method == "attention":
+            maps = attention(model, x, layers=[layer])
+            patch_map = select(maps, layer).patch_map(query=query, head=head)
+        else:
+            maps = attention(model, x)
+            patch_map = rollout_map(maps, head_fusion, discard_ratio, legacy_vit_explain)
+    finally:
+        model.train(was_training)
+    heat = normalise_max(upsample(patch_map, (H, W)).clamp_min(0))
+    return Explanation(method, heat, patch_map, None, pil, maps.output)
+
+
+def _gradcam(model, x, target, layer):
+    from .cams import gradcam
+
+    return gradcam(model, x, target=target, layer=layer)
