@@ -271,6 +271,11 @@ def pool(model: VisionTransformer, x: torch.Tensor, pool_type: Optional[str] = N
     state = get_runner(model).state
     pool_type = model.global_pool if pool_type is None else pool_type
     sizes = None if state is None else state.sizes
+    if sizes is not None and model.attn_pool is not None and sizes.shape[:2] == x.shape[:2]:
+        # 'map' pooling: merged tokens weigh by their size (log s bias), padded ones (size 0) are excluded
+        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        bias = sizes[:, start:, 0].log().to(x.dtype)[:, None, None, :]
+        return model.attn_pool(x[:, start:], attn_mask=bias)
     if (sizes is not None and model.attn_pool is None and pool_type in ("avg", "avgmax")
             and sizes.shape[:2] == x.shape[:2] and not model.pool_include_prefix):
         p = model.num_prefix_tokens
@@ -285,12 +290,15 @@ def _to_grid(model, y: torch.Tensor, state: TokenState) -> torch.Tensor:
     B, _, C = y.shape
     gh, gw = state.grid
     patches = y[:, state.layout.num_prefix_tokens:]
-    if patches.shape[1] != gh * gw:
+    if patches.shape[1] != gh * gw or state.source is not None:
         if state.source is None:
             raise ValueError(f"forward_intermediates: {patches.shape[1]} patch tokens do not fill the "
                              f"{gh}x{gw} grid and no source map was kept; use output_fmt='NLC'")
-        idx = state.source.unsqueeze(-1).expand(B, gh * gw, C)
-        patches = y.gather(1, idx)
+        # source indexes the sequence with prompts; y has them stripped. -1 marks a dropped patch (zeros).
+        p, n = state.layout.num_prefix_tokens, state.num_prompts
+        source = torch.where(state.source >= p + n, state.source - n, state.source)
+        idx = source.clamp_min(0).unsqueeze(-1).expand(B, gh * gw, C)
+        patches = y.gather(1, idx) * (source >= 0).unsqueeze(-1).to(y.dtype)
     return patches.reshape(B, gh, gw, C).permute(0, 3, 1, 2).contiguous()
 
 

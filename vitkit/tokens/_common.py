@@ -1,0 +1,77 @@
+"""Shared plumbing of the token-reduction integrations: attention taps, state checks, the log-size bias.
+
+Taps are forward hooks on timm's own `Attention` sub-modules (`q_norm`, `k_norm`, `qkv`, `attn_drop`): they see
+exactly what attention computes, at no extra cost, so no method re-implements `Attention.forward`.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from vitkit.models.runner import BlockContext, TokenState, get_runner
+
+TOKEN_METHODS = ("tome", "evit", "ats", "gtp")
+
+
+class Tap:
+    """Forward hook storing a module's output in the current token state under `key` (deep-copies with the
+    model, since it holds the model, not a closure)."""
+
+    def __init__(self, model: nn.Module, key: str):
+        self.model, self.key = model, key
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        state = get_runner(self.model).state
+        if state is not None:
+            state.extra[self.key] = output
+
+
+def add_taps(model: nn.Module, blocks: Iterable[int], parts: dict[str, str]) -> None:
+    """Hook `block.attn.<part>` of each block in `blocks`; its output lands in `state.extra[key]`."""
+    for i in blocks:
+        attn = model.blocks[i].attn
+        for part, key in parts.items():
+            getattr(attn, part).register_forward_hook(Tap(model, key))
+
+
+def take_tap(ctx: BlockContext, key: str, method: str) -> torch.Tensor:
+    """Pop this block's tapped tensor; a missing tap means attention did not run through timm's module."""
+    try:
+        return ctx.state.extra.pop(key)
+    except KeyError:
+        raise RuntimeError(f"{method}: block {ctx.index} produced no `{key}` tap; the attention module was "
+                           "replaced or bypassed after the method was applied") from None
+
+
+def refuse_second(model: nn.Module, method: str) -> None:
+    """Two token-reduction methods on one model would fight over the token state: refuse clearly."""
+    others = [o for o in get_runner(model).owners() if o in TOKEN_METHODS]
+    if others:
+        raise ValueError(f"{method}: the model already has token reduction `{others[0]}`; apply one "
+                         "token-reduction method per model (start again from vk.load)")
+
+
+def check_state(x: torch.Tensor, state: TokenState, method: str, index: int) -> None:
+    """A block seeing a token count that disagrees with the state's sizes raises (stale or foreign state)."""
+    if state.sizes is not None and state.sizes.shape[:2] != x.shape[:2]:
+        raise RuntimeError(f"{method}: block {index} got {tuple(x.shape[:2])} tokens but the token state holds "
+                           f"sizes for {tuple(state.sizes.shape[:2])}; call the model (forward, forward_features "
+                           "or forward_intermediates), not its blocks one by one, after token reduction")
+
+
+def log_size_bias(x: torch.Tensor, state: TokenState) -> Optional[torch.Tensor]:
+    """Proportional attention: additive `log s_j` mask (B, 1, 1, N) in the query dtype; None while sizes are 1.
+
+    Zero sizes (padding) give -inf, so padded keys are excluded as well.
+    """
+    if state.sizes is None:
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return state.sizes[..., 0].log().to(dtype)[:, None, None, :]
+
+
+def size_bias(x: torch.Tensor, ctx: BlockContext) -> Optional[torch.Tensor]:
+    """`attn_bias` extension: the log-size mask of the current state."""
+    return log_size_bias(x, ctx.state)
