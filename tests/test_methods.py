@@ -17,6 +17,8 @@ from conftest import VARIANTS, make_variant
 REFUSED: dict[tuple[str, str], str] = {
     ("evit", "no_cls_avg"): "evit: needs a class token",
     ("evit", "reg_no_cls"): "evit: needs a class token",
+    ("ats", "no_cls_avg"): "ats: needs a class token",
+    ("ats", "reg_no_cls"): "ats: needs a class token",
 }
 
 METHODS = [m.name for m in vk.methods()]
