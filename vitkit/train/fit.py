@@ -70,7 +70,19 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def all_rng_states(accelerator) -> list[torch.Tensor]:
+    """Every process's RNG state, serialised to a uint8 tensor each (index = process rank)."""
+    from accelerate.utils import gather_object
+
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    blobs = gather_object([buffer.getvalue()]) if accelerator.num_processes > 1 else [buffer.getvalue()]
+    return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+
+def set_rng_state(state: dict | torch.Tensor) -> None:
+    if isinstance(state, torch.Tensor):
+        state = torch.load(io.BytesIO(state.numpy().tobytes()), weights_only=True)
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(tuple(s) if isinstance(s, list) else s for s in state["python"]))
     np.random.set_state(tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in state["numpy"]))
@@ -116,7 +128,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
 
     # --- setup ---------------------------------------------------------------------------------------------
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
-    accelerator = Accelerator(mixed_precision="bf16" if amp and torch.cuda.is_available() else "no")
+    cuda = torch.cuda.is_available()  # cpu=True lets Accelerate run multi-process on CPU (gloo) under torchrun
+    accelerator = Accelerator(mixed_precision="bf16" if amp and cuda else "no", cpu=not cuda)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(out_dir)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -153,7 +166,10 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         optimizer.load_state_dict(ckpt["optimizer"])
         step, start_epoch = ckpt["scheduler"]["step"], ckpt["epoch"]
         history, best = ckpt["history"], ckpt["best"]
-        set_rng_state(ckpt["rng"][rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        if len(ckpt["rng"]) != world:
+            _log.warning("fit: %s was written by %d process(es), resuming with %d: RNG streams restart",
+                         source, len(ckpt["rng"]), world)
+        set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
         _log.info("fit: resumed from %s at epoch %d/%d (step %d)", source, start_epoch, epochs, step)
     elif resume:
         _log.info("fit: nothing to resume in %s, starting fresh", run_dir)
@@ -218,8 +234,7 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             # --- checkpoint (atomic: temporary file, then rename) and metrics ---------------------------
             ckpt = {"model": trained_state(model), "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
                     "epoch": epoch + 1, "history": history, "best": best, "config": config,
-                    "rng": accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1
-                    else rng_state(), "data_order": {"seed": seed, "next_epoch": epoch + 1}}
+                    "rng": all_rng_states(accelerator), "data_order": {"seed": seed, "next_epoch": epoch + 1}}
             if main:
                 atomic_torch_save(ckpt, last)
                 if improved:
