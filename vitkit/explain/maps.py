@@ -47,20 +47,24 @@ class Explanation:
     image: Optional[Image.Image] = None
     logits: Optional[torch.Tensor] = None
 
-    def overlay(self, index: int = 0, alpha: float = 0.5) -> Image.Image:
-        """The heatmap of sample `index` blended over its image (a grey canvas when there is none)."""
-        heat = self.heatmap[index].detach().cpu().numpy()
+    def overlay(self, index: int = 0, alpha: float = 0.5, size: Optional[tuple[int, int]] = None) -> Image.Image:
+        """The heatmap of sample `index` blended over its image (grey canvas when there is none), at `size`
+        (H, W; default the input's): the image is resized bicubically, the heatmap bilinearly."""
+        heat = self.heatmap[index:index + 1].detach().float()
+        if size is not None:
+            heat = upsample(heat, tuple(size))
+        heat = heat[0].cpu().numpy()
         base = self.image if self.image is not None else Image.new("RGB", heat.shape[::-1], (128, 128, 128))
+        if base.size != heat.shape[::-1]:
+            base = base.resize(heat.shape[::-1], Image.BICUBIC)
         return overlay(base, heat, alpha=alpha)
 
-    def save(self, path: Union[str, Path], index: int = 0, scale: int = 1) -> tuple[Path, Path]:
-        """Write the overlay PNG at `path` (upscaled `scale` times) and the raw patch map next to it as `.npy`."""
+    def save(self, path: Union[str, Path], index: int = 0, size: Optional[tuple[int, int]] = None
+             ) -> tuple[Path, Path]:
+        """Write the overlay PNG at `path` (at `size`, see `overlay`) and the raw patch map next to it (`.npy`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        img = self.overlay(index)
-        if scale > 1:
-            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-        img.save(path)
+        self.overlay(index, size=size).save(path)
         npy = path.with_suffix(".npy")
         np.save(npy, self.patch_map[index].detach().cpu().numpy())
         return path, npy

@@ -93,18 +93,23 @@ class Segmentation:
     point: tuple[float, float]
     image: Optional[Image.Image] = None
 
-    def overlay(self) -> Image.Image:
-        base = self.image if self.image is not None else Image.new("RGB", self.mask.shape[::-1], (128, 128, 128))
-        return mask_overlay(base, self.mask, self.point)
+    def overlay(self, size: Optional[tuple[int, int]] = None) -> Image.Image:
+        """The mask tinted over the image with the prompt marked, at `size` (H, W; default the input's)."""
+        mask, point = self.mask, self.point
+        if size is not None and tuple(size) != mask.shape:
+            sim = upsample(torch.from_numpy(self.patch_similarity)[None], tuple(size))[0].numpy()
+            mask = sim >= self.threshold
+            point = (point[0] * size[1] / self.mask.shape[1], point[1] * size[0] / self.mask.shape[0])
+        base = self.image if self.image is not None else Image.new("RGB", mask.shape[::-1], (128, 128, 128))
+        if base.size != mask.shape[::-1]:
+            base = base.resize(mask.shape[::-1], Image.BICUBIC)
+        return mask_overlay(base, mask, point)
 
-    def save(self, path: Union[str, Path], scale: int = 1) -> tuple[Path, Path]:
-        """Overlay PNG at `path` (upscaled `scale` times) and the similarity map (H, W) as `.npy` next to it."""
+    def save(self, path: Union[str, Path], size: Optional[tuple[int, int]] = None) -> tuple[Path, Path]:
+        """Overlay PNG at `path` (at `size`, see `overlay`) and the similarity map (H, W) as `.npy` next to it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        img = self.overlay()
-        if scale > 1:
-            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-        img.save(path)
+        self.overlay(size).save(path)
         npy = path.with_suffix(".npy")
         np.save(npy, self.similarity)
         return path, npy
