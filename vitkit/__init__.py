@@ -14,7 +14,8 @@ from .io import save
 from .models import TokenLayout, get_runner, load, token_layout
 from .registry import Method, applied, methods
 from . import data  # vk.data: datasets, transforms, splits
-from .train import fit
+from .train import evaluate, fit
+from . import assets as _assets  # registers embedded checkpoints
 from .explain import attention, explain, segment, similarity_overlap  # vk.explain & co.
 
 
