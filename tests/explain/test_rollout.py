@@ -2,6 +2,8 @@
 vit-explain bug reproduced only on request, and shapes that follow the input size and grid."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -84,7 +86,7 @@ def test_head_fusion(head_fusion):
         algo.fuse_heads(a, "median")
 
 
-@pytest.mark.parametrize("method", ["attention", "rollout", "gradcam"])
+@pytest.mark.parametrize("method", ["attention", "rollout", "grad_rollout", "gradcam"])
 @pytest.mark.parametrize("size", [(32, 32), (48, 64)])
 def test_heatmap_shapes_follow_input_size(method, size):
     model = make_variant("registers", dynamic_img_size=True)
@@ -106,6 +108,31 @@ def test_explain_from_image_file(tmp_path):
     assert e.heatmap.shape == (1, 32, 32) and e.image.size == (32, 32)
     png, npy = e.save(tmp_path / "heat.png")
     assert png.exists() and npy.exists()
+
+
+@pytest.mark.parametrize("name", ["registers", "reg_no_cls", "qk_norm"])
+def test_attention_gradient_equals_eager_autograd(name, images):
+    """grad_rollout's ∂y/∂A = ∂y/∂(A·V)·Vᵀ under fused SDPA equals autograd through timm's eager softmax."""
+    import copy
+
+    from vitkit.explain.maps import attention_gradients
+
+    model = make_variant(name)
+    maps, grads, ids = attention_gradients(model, images, target=3)
+    ref, store = copy.deepcopy(model), {}
+
+    def keep(i, module, args, out):
+        out.retain_grad()
+        store[i] = out
+
+    for i, block in enumerate(ref.blocks):
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(partial(keep, i))
+    ref(images)[:, 3].sum().backward()
+    err = max((grads[i] - store[i].grad).abs().max().item() for i in grads)
+    assert err <= 1e-5, f"dy/dA vs eager autograd: {err:.2e}"
+    assert ids == [3, 3] and all(p.grad is None for p in model.parameters())
+    assert all(fused_flags(model))
 
 
 def test_unknown_method():

@@ -60,6 +60,15 @@ class LayerAttention:
     num_prompts: int = 0
     source: Optional[torch.Tensor] = None
     sizes: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None  # (B, h, N, d) values, kept with `capture(..., values=True)`
+    out: Optional[torch.Tensor] = None  # (B, N, h*d) attention output A·V (SDPA's), with `values=True`
+
+    def attn_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """∂y/∂A (B, h, N, N) from ∂y/∂(A·V) (B, N, h*d): since the SDPA output is O = A·V (eval mode),
+        ∂y/∂A = ∂y/∂O · Vᵀ, so the gradient w.r.t. the attention needs no eager attention."""
+        B, h, N, d = self.v.shape
+        g = grad_out.reshape(B, N, h, d).transpose(1, 2)
+        return g @ self.v.transpose(-2, -1)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -202,11 +211,13 @@ def _check_attention(model: nn.Module, i: int) -> nn.Module:
 
 
 @contextmanager
-def capture(model: nn.Module, layers=None) -> Iterator[AttentionMaps]:
+def capture(model: nn.Module, layers=None, values: bool = False) -> Iterator[AttentionMaps]:
     """Context manager: forwards run inside it fill the yielded `AttentionMaps` (last forward wins).
 
     Hooks are read-only and removed on exit, also after an exception. Gradients flow through the recomputed
-    maps when grad is enabled (q and k are the block's own tensors).
+    maps when grad is enabled (q and k are the block's own tensors). `values=True` also keeps each layer's
+    values V (from `attn.qkv`) and the attention output A·V (the input of `attn.norm`, an `nn.Identity` unless
+    `scale_norm`), so that `LayerAttention.attn_grad` gives ∂y/∂A under fused attention.
     """
     from vitkit.models.runner import has_runner, get_runner
 
@@ -236,9 +247,23 @@ def capture(model: nn.Module, layers=None) -> Iterator[AttentionMaps]:
 
     def on_k(i, attn):
         def hook(module, args, out):
-            rec = pending.pop(i)
-            a = _softmax_attention(attn, rec["q"], out, rec["mask"], rec["is_causal"])
+            rec = pending[i]
+            a = _softmax_attention(attn, rec.pop("q"), out, rec["mask"], rec["is_causal"])
             maps[i] = LayerAttention(i, a, layout, rec["grid"], rec["num_prompts"], rec["source"], rec["sizes"])
+            if not values:
+                pending.pop(i)
+        return hook
+
+    def on_qkv(i, attn):
+        def hook(module, args, out):
+            B, N = out.shape[:2]
+            pending[i]["v"] = out.reshape(B, N, 3, attn.num_heads, -1)[:, :, 2].transpose(1, 2)
+        return hook
+
+    def on_out(i):
+        def hook(module, args):
+            rec = pending.pop(i)
+            maps[i].v, maps[i].out = rec["v"], args[0]
         return hook
 
     def on_embed(module, args, out):
@@ -251,6 +276,9 @@ def capture(model: nn.Module, layers=None) -> Iterator[AttentionMaps]:
             handles.append(attn.register_forward_pre_hook(pre_attn(i), with_kwargs=True))
             handles.append(attn.q_norm.register_forward_hook(on_q(i)))
             handles.append(attn.k_norm.register_forward_hook(on_k(i, attn)))
+            if values:
+                handles.append(attn.qkv.register_forward_hook(on_qkv(i, attn)))
+                handles.append(attn.norm.register_forward_pre_hook(on_out(i)))
         yield maps
     finally:
         for h in handles:

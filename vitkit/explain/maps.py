@@ -24,7 +24,7 @@ from .attention import LayerAttention, attention, select
 from .image import ImageLike, normalise_max, overlay, prepare, upsample
 
 _log = logging.getLogger("vitkit")
-METHODS = ("attention", "rollout", "gradcam")
+METHODS = ("attention", "rollout", "grad_rollout", "gradcam")
 
 
 @dataclass
@@ -70,13 +70,12 @@ class Explanation:
         return path, npy
 
 
-def _expand(la: LayerAttention, head: str) -> torch.Tensor:
-    """(B, N', N') head-fused attention on the full [prefix | prompts | patches] sequence.
+def _expand(la: LayerAttention, a: torch.Tensor) -> torch.Tensor:
+    """(B, N', N') head-fused attention `a` of `la` put on the full [prefix | prompts | patches] sequence.
 
     After token reduction token t stands for the patches that `source` maps to it: full row i copies the row of
     i's token, and a column gets its token's attention divided by the token's size, so rows still sum to 1.
     """
-    a = rollout_algo.fuse_heads(la.attn, head)
     if la.source is None:
         return a
     B, P = a.shape[0], la.num_prefix_tokens
@@ -87,14 +86,18 @@ def _expand(la: LayerAttention, head: str) -> torch.Tensor:
     return a.gather(2, s.unsqueeze(1).expand(B, s.shape[1], s.shape[1]))
 
 
-def rollout_map(maps, head_fusion: str = "mean", discard_ratio: float = 0.0, legacy: bool = False) -> torch.Tensor:
+def rollout_map(maps, head_fusion: str = "mean", discard_ratio: float = 0.0, legacy: bool = False,
+                grads: Optional[dict] = None) -> torch.Tensor:
     """(B, gh, gw) rollout map from captured attention (all layers, first to last), divided by its maximum.
 
     Query: the class token's row; models without one use the mean of the patch rows. Patch columns only.
+    `grads` ({layer: ∂y/∂A}) gives gradient rollout: each layer's attention is weighted by the positive part of
+    its gradient before the head fusion.
     """
     layers = [maps[i] for i in sorted(maps)]
     first = layers[0]
-    full = [_expand(la, head_fusion) for la in layers]
+    fused = [la.attn if grads is None else la.attn * grads[la.index].clamp_min(0) for la in layers]
+    full = [_expand(la, rollout_algo.fuse_heads(a, head_fusion)) for la, a in zip(layers, fused)]
     if len({a.shape[-1] for a in full}) != 1:
         raise NotImplementedError(f"rollout: the number of prompt tokens changes across blocks "
                                   f"({[la.num_prompts for la in layers]}); rollout needs one token set")
@@ -120,9 +123,10 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         image: a path, PIL image or array (resized to `size` and normalised with `mean`/`std`, default the
             model's `pretrained_cfg` or ImageNet's), or a normalised tensor (C, H, W) / (B, C, H, W).
         method: 'attention' (one layer's attention from `query` to the patches, heads fused by `head`),
-            'rollout' (Abnar & Zuidema 2020; `head_fusion`, `discard_ratio`) or 'gradcam' (pytorch-grad-cam on
-            `blocks[layer].norm1`, for class `target`, default the prediction).
-        target: class index (gradcam).
+            'rollout' (Abnar & Zuidema 2020; `head_fusion`, `discard_ratio`), 'grad_rollout' (each layer's
+            attention weighted by the positive part of ∂y_target/∂A before the head fusion) or 'gradcam'
+            (pytorch-grad-cam on `blocks[layer].norm1`).
+        target: class index (gradcam, grad_rollout); default the prediction.
         layer: block for 'attention' and 'gradcam'.
         head: 'mean', 'max', 'min' or a head index ('attention').
         query: 'cls' (falls back to the mean of patch queries without a class token), 'mean', or see
@@ -148,6 +152,11 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         if method == "attention":
             maps = attention(model, x, layers=[layer])
             patch_map = select(maps, layer).patch_map(query=query, head=head)
+        elif method == "grad_rollout":
+            maps, grads, ids = attention_gradients(model, x, target)
+            patch_map = rollout_map(maps, head_fusion, discard_ratio, legacy_vit_explain, grads=grads)
+            heat = normalise_max(upsample(patch_map, (H, W)).clamp_min(0))
+            return Explanation(method, heat, patch_map.detach(), ids, pil, maps.output.detach())
         else:
             maps = attention(model, x)
             patch_map = rollout_map(maps, head_fusion, discard_ratio, legacy_vit_explain)
@@ -155,6 +164,31 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         model.train(was_training)
     heat = normalise_max(upsample(patch_map, (H, W)).clamp_min(0))
     return Explanation(method, heat, patch_map, None, pil, maps.output)
+
+
+def attention_gradients(model: nn.Module, x: torch.Tensor, target=None):
+    """Attention of every layer and its gradient ∂y_target/∂A (B, h, N, N), with fused attention kept.
+
+    The gradient comes from the SDPA output: ∂y/∂A = ∂y/∂(A·V) · Vᵀ (`LayerAttention.attn_grad`), so no eager
+    attention is run and no parameter gradient is accumulated (`torch.autograd.grad` on the outputs only).
+    Returns (maps, {layer: grad}, target ids).
+    """
+    from .attention import capture
+
+    x = x.detach().requires_grad_(True)  # a graph even when every parameter is frozen
+    with torch.enable_grad(), capture(model, values=True) as maps:
+        out = model(x)
+    ids = out.argmax(-1).tolist() if target is None else (
+        [int(target)] * x.shape[0] if isinstance(target, int) else [int(t) for t in target])
+    score = out.gather(1, torch.tensor(ids, device=out.device).view(-1, 1)).sum()
+    layers = sorted(maps)
+    g_out = torch.autograd.grad(score, [maps[i].out for i in layers])
+    grads = {i: maps[i].attn_grad(g).detach() for i, g in zip(layers, g_out)}
+    for i in layers:
+        la = maps[i]
+        la.attn, la.v, la.out = la.attn.detach(), None, None
+    maps.output = out.detach()
+    return maps, grads, ids
 
 
 def _gradcam(model, x, target, layer):
