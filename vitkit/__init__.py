@@ -48,5 +48,5 @@ def compress(model, name: str, **config):
 
 
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
-           "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit",
+           "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
            "attention", "explain", "segment", "similarity_overlap"]
