@@ -202,8 +202,11 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(peft_config(cfg, names), model)
+        for _, layer in lora_layers(model):  # new layers start in train mode; follow the model's
+            layer.train(model.training)
     for block in (model.blocks if slices else []):
         block.attn.qkv = QKVLoRA(block.attn.qkv, slices, cfg.rank, cfg.alpha, cfg.dropout)
+        block.attn.qkv.train(model.training)
     trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}  # PEFT marked these
     trained |= {f"{n}.{pn}" for n, m in lora_layers(model) if isinstance(m, QKVLoRA)
                 for pn, _ in m.named_parameters() if pn.startswith("lora_")}
