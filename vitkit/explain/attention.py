@@ -49,7 +49,8 @@ class LayerAttention:
         layout: the model's static token layout (prefix tokens).
         grid: (gh, gw) patch grid of this input.
         num_prompts: prompt tokens right after the prefix at this block.
-        source: (B, gh*gw) index into this block's sequence of the token each patch belongs to, or None.
+        source: (B, gh*gw) index into this block's sequence of the token each patch belongs to (-1: the
+            patch's token was dropped), or None.
         sizes: (B, N, 1) patches per token, or None while all tokens are single patches.
     """
 
@@ -124,8 +125,10 @@ class LayerAttention:
             j = r * self.grid[1] + c
             if self.source is None:
                 return a[..., p + j, :]
-            idx = self.source[:, j].view(-1, *([1] * (a.ndim - 1))).expand(*a.shape[:-2], 1, a.shape[-1])
-            return a.gather(-2, idx).squeeze(-2)
+            src = self.source[:, j]
+            idx = src.clamp_min(0).view(-1, *([1] * (a.ndim - 1))).expand(*a.shape[:-2], 1, a.shape[-1])
+            keep = (src >= 0).to(a.dtype).view(-1, *([1] * (a.ndim - 2)))
+            return a.gather(-2, idx).squeeze(-2) * keep  # a dropped patch has no query row: zeros
         raise ValueError(f"attention: unknown `query` {query!r}; use 'cls', 'mean', ('prefix', i), "
                          "('prompt', i), ('patch', r, c) or an int")
 
@@ -148,8 +151,10 @@ class LayerAttention:
             if self.sizes is not None:
                 v = v / self.sizes[:, self.num_prefix_tokens:, 0].to(v.dtype).view(
                     v.shape[0], *([1] * (v.ndim - 2)), -1)
-            idx = (self.source - self.num_prefix_tokens).view(v.shape[0], *([1] * (v.ndim - 2)), -1)
-            v = v.gather(-1, idx.expand(*v.shape[:-1], gh * gw))
+            rel = self.source - self.num_prefix_tokens  # negative: the patch's token was dropped (-1)
+            idx = rel.clamp_min(0).view(v.shape[0], *([1] * (v.ndim - 2)), -1)
+            keep = (self.source >= 0).to(v.dtype).view(v.shape[0], *([1] * (v.ndim - 2)), -1)
+            v = v.gather(-1, idx.expand(*v.shape[:-1], gh * gw)) * keep
         if v.shape[-1] != gh * gw:
             raise ValueError(f"attention: block {self.index} has {v.shape[-1]} patch tokens for a {gh}x{gw} grid "
                              "and no source map; the token-reduction method must keep `TokenState.source`")

@@ -52,9 +52,10 @@ class TokenReshape:
         gh, gw = self.grid
         B, _, C = tokens.shape
         patches = tokens[:, self.num_prefix:]
-        if self.source is not None:
-            idx = (self.source - self.num_prefix).unsqueeze(-1).expand(B, gh * gw, C)
-            patches = patches.gather(1, idx)
+        if self.source is not None:  # -1: the patch's token was dropped -> zeros
+            rel = self.source - self.num_prefix
+            patches = patches.gather(1, rel.clamp_min(0).unsqueeze(-1).expand(B, gh * gw, C))
+            patches = patches * (rel >= 0).unsqueeze(-1).to(patches.dtype)
         if patches.shape[1] != gh * gw:
             raise ValueError(f"gradcam: {patches.shape[1]} patch tokens do not fill the {gh}x{gw} grid "
                              "(token reduction without a source map?)")

@@ -74,16 +74,22 @@ def _expand(la: LayerAttention, a: torch.Tensor) -> torch.Tensor:
     """(B, N', N') head-fused attention `a` of `la` put on the full [prefix | prompts | patches] sequence.
 
     After token reduction token t stands for the patches that `source` maps to it: full row i copies the row of
-    i's token, and a column gets its token's attention divided by the token's size, so rows still sum to 1.
+    i's token, and a column gets its token's attention divided by the token's size, so rows still sum to 1
+    (when `sizes` counts the patches of each token). A dropped patch (-1) gets a zero column and an identity row.
     """
     if la.source is None:
         return a
     B, P = a.shape[0], la.num_prefix_tokens
-    s = torch.cat([torch.arange(P, device=a.device).expand(B, P), la.source], dim=1)  # (B, N')
+    s = torch.cat([torch.arange(P, device=a.device).expand(B, P), la.source], dim=1)  # (B, N'); -1: dropped
+    keep = (s >= 0).to(a.dtype)
+    s = s.clamp_min(0)
     a = a.gather(1, s.unsqueeze(-1).expand(B, s.shape[1], a.shape[-1]))
     if la.sizes is not None:
         a = a / la.sizes[..., 0].to(a.dtype).unsqueeze(1)
-    return a.gather(2, s.unsqueeze(1).expand(B, s.shape[1], s.shape[1]))
+    a = a.gather(2, s.unsqueeze(1).expand(B, s.shape[1], s.shape[1])) * keep.unsqueeze(1)
+    # a dropped patch is attended by no one; its own row is the identity (rows keep summing to 1)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.where(keep.unsqueeze(-1) > 0, a, eye.expand(B, -1, -1))
 
 
 def rollout_map(maps, head_fusion: str = "mean", discard_ratio: float = 0.0, legacy: bool = False,
