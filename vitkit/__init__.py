@@ -17,6 +17,7 @@ from . import data  # vk.data: datasets, transforms, splits
 from .train import evaluate, fit
 from . import assets as _assets  # registers embedded checkpoints
 from .explain import attention, explain, segment, similarity_overlap  # vk.explain & co.
+from .bench import bench  # vk.bench: backbones x methods x protocols
 
 
 def apply(model, name: str, **config):
@@ -49,4 +50,4 @@ def compress(model, name: str, **config):
 
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
-           "attention", "explain", "segment", "similarity_overlap"]
+           "attention", "explain", "segment", "similarity_overlap", "bench"]

@@ -24,7 +24,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         for cell, finished in dry_run(recipe, Path(args.out)):
             print(f"{'done' if finished else 'todo'}  {cell.key}  {cell.label()}")
         return
-    result = bench(recipe, args.out, executor=args.executor, ray_address=args.ray_address, device=args.device,
+    result = bench(recipe, out=args.out, executor=args.executor, ray_address=args.ray_address, device=args.device,
                    retry_failed=args.retry_failed)
     print(result.table())
     print(f"computed {len(result.computed)} cell(s); results in {Path(args.out) / 'results.md'}, rows in "

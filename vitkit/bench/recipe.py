@@ -38,8 +38,9 @@ class Backbone:
 
 @dataclass(frozen=True)
 class Task:
-    """`digits` (scikit-learn, stratified 80/20, seed 0) or an image folder split per class in file order
-    (`train` images then `eval` images of each class), e.g. the CIFAR-10 JPEGs."""
+    """`digits` (scikit-learn, stratified 80/20, seed 0) or an image folder split per class in file order:
+    the first `train` images of each class train, the last `eval` evaluate (CIFAR-10 JPEGs: 800-999 evaluate,
+    the images the embedded model never trained on)."""
 
     name: str
     root: Optional[str] = None
@@ -69,7 +70,11 @@ class Cell:
 
     @property
     def key(self) -> str:
-        payload = json.dumps({"backbone": asdict(self.backbone), "chain": canonical_chain(self.chain),
+        try:
+            chain = canonical_chain(self.chain)
+        except (ValueError, TypeError):  # an invalid chain still needs a key: its row records the error
+            chain = self.chain
+        payload = json.dumps({"backbone": asdict(self.backbone), "chain": chain,
                               "task": asdict(self.task), "protocol": self.protocol, "seed": self.seed,
                               "vitkit_major": 0}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -145,7 +150,8 @@ def has_adapter(chain: str) -> bool:
 
 
 def load_recipe(source: str | os.PathLike | dict) -> Recipe:
-    """A recipe from a YAML file or a dict (see `benchmarks/bench_cifar.yaml`)."""
+    """A recipe from a YAML file or a dict (see `benchmarks/bench_cifar.yaml`); `chains: all` means every
+    registered adapt and accelerate method with its defaults."""
     raw = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text())
     known = {"backbones", "chains", "methods", "tasks", "protocols", "seeds", "budget", "ood", "perf", "perf_batch"}
     unknown = set(raw) - known
@@ -175,7 +181,9 @@ def load_recipe(source: str | os.PathLike | dict) -> Recipe:
     bad = [v for v in ood if v not in OOD_VARIANTS]
     if bad:
         raise ValueError(f"recipe: unknown OOD variants {bad}; valid: {OOD_VARIANTS}")
-    return Recipe(backbones=tuple(backbones), chains=tuple(raw.get("chains", raw.get("methods", ()))),
+    chains = raw.get("chains", raw.get("methods", ()))
+    chains = all_registered_chains() if chains == "all" else [chains] if isinstance(chains, str) else chains
+    return Recipe(backbones=tuple(backbones), chains=tuple(chains),
                   tasks=tuple(tasks), protocols=protocols, seeds=tuple(raw.get("seeds", (0,))),
                   budget=Budget(**raw.get("budget", {})), ood=ood, perf=bool(raw.get("perf", True)),
                   perf_batch=int(raw.get("perf_batch", 8)))

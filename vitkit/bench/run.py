@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
+from vitkit.io import atomic_write
+
 from . import report
 from .recipe import Cell, Recipe, Task, check_chain, has_adapter, load_recipe, parse_chain
 
@@ -27,15 +29,20 @@ _log = logging.getLogger("vitkit")
 
 
 # ---------------------------------------------------------------------------------------------- rows file
-def read_rows(path: Path) -> list[dict]:
-    """Rows of `rows.jsonl`; a truncated last line (a run killed mid-write) is ignored."""
-    rows = []
+def read_rows(path: Path, repair: bool = False) -> list[dict]:
+    """Rows of `rows.jsonl`; a truncated line (a run killed mid-write) is ignored, and with `repair` removed
+    from the file (atomically) so that new rows append after whole lines only."""
+    rows, broken = [], False
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
+                broken = True
                 _log.warning("%s: ignoring a truncated line", path)
+    if broken and repair:
+        text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return rows
 
 
@@ -67,9 +74,17 @@ def task_data(task: Task):
     if task not in _TASK_CACHE:
         if task.name == "digits":
             parts = vk.data.split(vk.data.digits(), seed=0, train=0.8, eval=0.2)
-        else:
+        else:  # per class, in file order: the first `train` images train, the last `eval` images evaluate
             folder = vk.data.image_folder(task.root, preload=True)
-            parts = vk.data.split(folder, seed=None, train=task.train, eval=task.eval)
+            by_class: dict[int, list[int]] = {}
+            for index, label in enumerate(folder.targets):
+                by_class.setdefault(label, []).append(index)
+            short = [folder.classes[c] for c, idx in by_class.items() if len(idx) < task.train + task.eval]
+            if short:
+                raise ValueError(f"task `{task.name}`: classes {short[:5]} have fewer than train + eval = "
+                                 f"{task.train + task.eval} images")
+            parts = {"train": vk.data.Subset(folder, [i for idx in by_class.values() for i in idx[:task.train]]),
+                     "eval": vk.data.Subset(folder, [i for idx in by_class.values() for i in idx[-task.eval:]])}
         digest = hashlib.sha256(json.dumps({k: v.indices for k, v in parts.items()}).encode()).hexdigest()[:16]
         _TASK_CACHE[task] = (parts["train"], parts["eval"], digest)
     return _TASK_CACHE[task]
@@ -100,7 +115,7 @@ def run_cell(cell: Cell, recipe: Recipe, out: Path, device: str = "cpu") -> dict
         if problem:
             raise ValueError(problem)
         row.update(_perf_cell(cell, recipe, device) if cell.protocol == "perf" else
-                   _accuracy_cell(cell, recipe, out / "cells" / cell.key, device))
+                   _accuracy_cell(cell, recipe, out / "cells", device))
         row["status"] = "ok"
     except Exception as err:  # noqa: BLE001 - a failing cell is a row, not a crash
         row.update(status="error", error=f"{type(err).__name__}: {err}")
@@ -120,32 +135,62 @@ def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
     return {"params": info.total_params, **compare(baseline, model, batch=recipe.perf_batch, device=device)}
 
 
-def _accuracy_cell(cell: Cell, recipe: Recipe, cell_dir: Path, device: str) -> dict:
+def _fit(cell: Cell, recipe: Recipe, cells_dir: Path, num_classes: int, device: str):
+    """Build and fine-tune the model of a `finetune` cell (resuming from, or reusing, its checkpoints)."""
+    import vitkit as vk
+
+    model = build(cell, num_classes=num_classes).to(device)
+    transform = vk.data.transform(model, **cell.backbone.data)
+    train = task_data(cell.task)[0].with_transform(transform)
+    budget = recipe.budget
+    lr = budget.lr if has_adapter(cell.chain) else budget.full_lr
+    result = vk.fit(model, train, epochs=budget.epochs, lr=lr, batch_size=budget.batch_size, seed=cell.seed,
+                    out_dir=cells_dir / cell.key / "fit", resume=True, progress=False, save_model=False)
+    step_s = sum(h["epoch_time_s"] for h in result.history) / max(1, result.history[-1]["step"])
+    return model, transform, {"lr": lr, "train_step_s": step_s}
+
+
+def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str) -> dict:
+    """Accuracy of one cell. `finetune` trains the chain's adapters (or the whole model when the chain has
+    none); a chain of accelerate/compress methods only is applied *after* fine-tuning, without retraining
+    (bench.md `post`), to the baseline's fine-tuned model, which is trained once and reused."""
     import vitkit as vk
 
     train, evaluation, split_sha = task_data(cell.task)
-    model = build(cell, num_classes=len(train.classes)).to(device)
-    transform = vk.data.transform(model, **cell.backbone.data)
-    train_t, eval_t = train.with_transform(transform), evaluation.with_transform(transform)
-    info = vk.info(model)
-    row = {"split_sha256": split_sha, "params": info.total_params, "n_train": len(train), "n_eval": len(evaluation)}
+    row = {"split_sha256": split_sha, "n_train": len(train), "n_eval": len(evaluation)}
     if cell.protocol == "finetune":
-        budget = recipe.budget
-        lr = budget.lr if has_adapter(cell.chain) else budget.full_lr
-        result = vk.fit(model, train_t, epochs=budget.epochs, lr=lr, batch_size=budget.batch_size, seed=cell.seed,
-                        out_dir=cell_dir / "fit", resume=True, progress=False, save_model=False)
-        saved = vk.save(model, cell_dir / "model")
-        metrics = vk.evaluate(model, eval_t, protocol="finetuned")
+        post = bool(cell.chain) and not has_adapter(cell.chain)
+        fit_cell = Cell(cell.backbone, "", cell.task, cell.protocol, cell.seed) if post else cell
+        model, transform, fit_info = _fit(fit_cell, recipe, cells_dir, len(train.classes), device)
+        row.update(fit_info)
+        eval_t = evaluation.with_transform(transform)
+        if post:
+            row["acc_pre_post"] = vk.evaluate(model, eval_t, protocol="finetuned")["top1"]
+            for name, config in parse_chain(cell.chain):
+                vk.apply(model, name, **config)
+        saved = vk.save(model, cells_dir / cell.key / "model")
+        info = vk.info(model)
         row.update(trainable_params=info.trainable_params, trainable_frac=info.trainable_fraction,
-                   adapter_bytes=(saved / "weights.safetensors").stat().st_size,
-                   train_step_s=getattr(result, "step_seconds", None), lr=lr)
-        evaluate = lambda data: vk.evaluate(model, data, protocol="finetuned")["top1"]  # noqa: E731
+                   adapter_bytes=0 if post else (saved / "weights.safetensors").stat().st_size)
+
+        def evaluate(data):
+            return vk.evaluate(model, data, protocol="finetuned")["top1"]
     else:
-        model.requires_grad_(False)
-        metrics = vk.evaluate(model, eval_t, protocol=cell.protocol, train=train_t, seed=cell.seed)
-        evaluate = lambda data: vk.evaluate(model, data, protocol=cell.protocol, train=train_t,  # noqa: E731
-                                            seed=cell.seed)["top1"]
-    row["acc"] = metrics["top1"]
+        from vitkit.train.evaluate import features, knn_scores, linear_probe_scores, scores_report
+
+        model = build(cell, num_classes=len(train.classes)).to(device).requires_grad_(False)
+        info = vk.info(model)
+        transform = vk.data.transform(model, **cell.backbone.data)
+        train_f, train_y = features(model, train.with_transform(transform))  # shared by clean and OOD scores
+        score = knn_scores if cell.protocol == "knn" else linear_probe_scores
+        classes = len(train.classes)
+
+        def evaluate(data):
+            test_f, labels = features(model, data)
+            return scores_report(score(train_f, train_y, test_f, classes), labels, classes)["top1"]
+
+    row["params"] = info.total_params
+    row["acc"] = evaluate(evaluation.with_transform(transform))
     if recipe.ood:
         from .ood import OODDataset
 
@@ -171,17 +216,25 @@ def cells_of(recipe: Recipe) -> list[Cell]:
     if recipe.perf:
         seen = set()
         for cell in list(cells):
-            if (cell.backbone, cell.chain) not in seen:
-                seen.add((cell.backbone, cell.chain))
+            if (cell.backbone.name, cell.chain) not in seen:
+                seen.add((cell.backbone.name, cell.chain))
                 cells.append(Cell(cell.backbone, cell.chain, Task("perf"), "perf", 0))
     return cells
 
 
-def bench(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike = "runs/bench", *,
-          executor: str = "local", ray_address: Optional[str] = None, device: str = "cpu", resume: bool = True,
-          retry_failed: bool = False, progress: bool = True,
+def bench(recipe: Recipe | dict | str | os.PathLike | list, methods=(), data=("digits",), protocols=None, *,
+          out: str | os.PathLike = "runs/bench", executor: str = "local", ray_address: Optional[str] = None,
+          device: str = "cpu", resume: bool = True, retry_failed: bool = False, progress: bool = True,
           on_row: Optional[Callable[[dict], None]] = None) -> BenchResult:
-    """Run a recipe; see the module docstring. Returns the rows of the whole run folder."""
+    """Run a recipe (a `Recipe`, a dict, or a YAML path) and return the rows of the whole run folder.
+
+    `vk.bench(["vit_tiny_patch16_224", "my.pth"], ["lora", "tome:r=4"], ["digits", {"name": "mine",
+    "root": "imgs/", "train": 50, "eval": 20}], out="runs/x")` builds the recipe from lists: backbones, method
+    chains and tasks (see `load_recipe` for entries). See the module docstring for the run folder.
+    """
+    if isinstance(recipe, (list, tuple)):
+        recipe = {"backbones": list(recipe), "chains": list(methods) if not isinstance(methods, str) else methods,
+                  "tasks": list(data), **({"protocols": list(protocols)} if protocols else {})}
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out)
@@ -189,7 +242,7 @@ def bench(recipe: Recipe | dict | str | os.PathLike, out: str | os.PathLike = "r
     rows_path = out / "rows.jsonl"
     if not resume and rows_path.exists():
         rows_path.unlink()
-    done = {r["key"] for r in read_rows(rows_path) if r["status"] == "ok" or not retry_failed}
+    done = {r["key"] for r in read_rows(rows_path, repair=True) if r["status"] == "ok" or not retry_failed}
     todo = [c for c in cells_of(recipe) if c.key not in done]
     (out / "env.json").write_text(json.dumps(fingerprint(device), indent=2))
     computed: list[str] = []
