@@ -25,9 +25,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitkit as vk
 from vitkit.explain import evaluate_segmentation, scenes
-from vitkit.explain.image import mask_overlay
+from vitkit.explain.image import mask_overlay, upsample
 from vitkit.explain.segment import patch_features, similarity
-from vitkit.explain.image import upsample
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -91,7 +90,8 @@ def main() -> None:
 
     mi, ml, mp = scenes.mosaics(objects)
     xm, lab = scenes.to_tensor(mi), torch.from_numpy(ml)
-    print(f"\n## Mosaics: {len(mi)} 2x2 mosaics, 64 px\n| model | AUROC | overlap | best mIoU (quadrant 0) |\n|---|---|---|---|")
+    print(f"\n## Mosaics: {len(mi)} 2x2 mosaics, 64 px")
+    print("| model | AUROC | overlap | best mIoU (quadrant 0) |\n|---|---|---|---|")
     for name, model in models.items():
         plot = Path(args.img_dir) / "explain_overlap.png" if model is trained else None
         o = vk.similarity_overlap(model, xm, lab, plot=plot)

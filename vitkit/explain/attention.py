@@ -205,9 +205,10 @@ def _softmax_attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask, 
     return logits.softmax(dim=-1)
 
 
-def _check_attention(model: nn.Module, i: int) -> nn.Module:
+def _check_attention(model: nn.Module, i: int, values: bool = False) -> nn.Module:
     attn = getattr(model.blocks[i], "attn", None)
-    missing = [n for n in ("q_norm", "k_norm", "scale", "qkv") if not hasattr(attn, n)]
+    needed = ("q_norm", "k_norm", "scale", "qkv", "num_heads") + (("norm",) if values else ())
+    missing = [n for n in needed if not hasattr(attn, n)]
     if attn is None or missing:
         raise NotImplementedError(
             f"attention: block {i}'s attention ({type(attn).__name__}) lacks {missing or ['attn']}; vitkit reads "
@@ -277,7 +278,7 @@ def capture(model: nn.Module, layers=None, values: bool = False) -> Iterator[Att
     try:
         handles.append(model.patch_embed.register_forward_hook(on_embed))
         for i in idx:
-            attn = _check_attention(model, i)
+            attn = _check_attention(model, i, values)
             handles.append(attn.register_forward_pre_hook(pre_attn(i), with_kwargs=True))
             handles.append(attn.q_norm.register_forward_hook(on_q(i)))
             handles.append(attn.k_norm.register_forward_hook(on_k(i, attn)))

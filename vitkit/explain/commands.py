@@ -1,7 +1,7 @@
 """`vitkit explain` and `vitkit segment`: heatmaps and prompt-point masks as PNG (+ the raw arrays as .npy).
 
     vitkit explain cat.jpg --model best_vit.pth --model-arg num_heads=4 --mean 0.5 --std 0.5 --method rollout \
-        --out heat.png
+        --out heat.png            # attention | rollout | grad_rollout | gradcam
     vitkit segment cat.jpg --model best_vit.pth --model-arg num_heads=4 --mean 0.5 --std 0.5 --point 16,12
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="extra timm/VisionTransformer argument, e.g. num_heads=4 (repeatable)")
     p.add_argument("--size", type=_size, metavar="H[xW]",
                    help="model input size (default the model's; other sizes need --model-arg dynamic_img_size=true)")
-    p.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="normalisation mean (default pretrained_cfg/ImageNet)")
+    p.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                   help="normalisation mean (default pretrained_cfg/ImageNet)")
     p.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
     p.add_argument("--layer", type=int, default=-1, help="block index (negative from the end)")
     p.add_argument("--display", type=int, default=256, metavar="PX",

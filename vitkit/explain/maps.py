@@ -175,8 +175,8 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
 def attention_gradients(model: nn.Module, x: torch.Tensor, target=None):
     """Attention of every layer and its gradient ∂y_target/∂A (B, h, N, N), with fused attention kept.
 
-    The gradient comes from the SDPA output: ∂y/∂A = ∂y/∂(A·V) · Vᵀ (`LayerAttention.attn_grad`), so no eager
-    attention is run and no parameter gradient is accumulated (`torch.autograd.grad` on the outputs only).
+    The gradient comes from the SDPA output: ∂y/∂A = ∂y/∂(A·V) · Vᵀ (`LayerAttention.attn_grad`), so no
+    eager attention is run and no parameter gradient is accumulated (`torch.autograd.grad` on the outputs only).
     Returns (maps, {layer: grad}, target ids).
     """
     from .attention import capture
