@@ -31,6 +31,14 @@ def eager_attention(model, x):
     return out, logits
 
 
+def test_timm_attention_extract_fails_under_fused_attention(images):
+    """The problem vitkit solves: timm's own extractor finds no softmax while fused SDPA is on."""
+    from timm.utils import AttentionExtract
+
+    with pytest.raises(RuntimeError, match="attn.softmax"):
+        AttentionExtract(make_variant("registers"))(images)
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_captured_equals_eager_softmax(name, images):
     model = make_variant(name)
