@@ -174,3 +174,12 @@ def test_save_writes_only_changed_tensors_and_refuses_another_base(tmp_path):
     save_file(make_variant("plain", seed=1).state_dict(), str(other))
     with pytest.raises(ValueError, match="not the same weights"):
         vk.io.load_dir(out, base=other, num_heads=4)
+
+
+def test_embedded_model_and_its_random_twin(tmp_path):
+    pretrained = vk.load("vitkit/vit-tiny-cifar")
+    twin = vk.load("vitkit/vit-tiny-cifar", pretrained=False)
+    assert [p.shape for p in twin.parameters()] == [p.shape for p in pretrained.parameters()]
+    assert not torch.equal(twin.pos_embed, pretrained.pos_embed)
+    vk.save(twin, tmp_path / "twin")  # a random base is saved whole and reloads exactly
+    _same_outputs(vk.load(tmp_path / "twin"), twin)

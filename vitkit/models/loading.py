@@ -62,12 +62,12 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
     if source in EMBEDDED:
         entry = EMBEDDED[source]
         args = {**entry["model_args"], **timm_kwargs}
-        if not pretrained:  # the random-initialised twin: same architecture, no trained weights
-            model = build_vit({**args, **({"num_classes": num_classes} if num_classes is not None else {})})
+        model = load_file(entry["file"], num_classes=num_classes, say_inferred=False, **args)
+        if not pretrained:  # the random-initialised twin: the architecture read from the file, fresh weights
+            model = build_vit(model.__dict__["_vitkit_base"]["model_args"])
             _record_base(model, {"kind": "embedded", "name": source, "pretrained": False, "model_args": args},
                          fingerprint=False)
             return model
-        model = load_file(entry["file"], num_classes=num_classes, **args)
         model.__dict__["_vitkit_base"].update(kind="embedded", name=source, pretrained=True)
         return model
     if path.is_dir():
@@ -149,8 +149,9 @@ def build_vit(model_args: dict[str, Any]) -> VisionTransformer:
 
 
 def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
-              **timm_kwargs) -> VisionTransformer:
-    """Load a local weights file strictly into a timm ViT (see `load`)."""
+              say_inferred: bool = True, **timm_kwargs) -> VisionTransformer:
+    """Load a local weights file strictly into a timm ViT (see `load`); `say_inferred` logs the inferred
+    architecture at INFO (off for vitkit's embedded checkpoints, whose architecture is recorded)."""
     path = Path(path).expanduser().resolve()
     sd, layout = convert.to_timm(read_state_dict(path))
     ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
@@ -161,7 +162,8 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
     else:
         model_args, notes = infer_arch(sd, layout, given=timm_kwargs)
         model_args.update(timm_kwargs, num_classes=classes)
-        _log.info("%s: %s layout; inferred %s", path.name, layout, ", ".join(notes))
+        _log.log(logging.INFO if say_inferred else logging.DEBUG, "%s: %s layout; inferred %s", path.name, layout,
+                 ", ".join(notes))
         model = build_vit(model_args)
     sd = checkpoint_filter_fn(sd, model)
     if classes != ckpt_classes:
