@@ -17,7 +17,8 @@ def test_info_on_a_timm_name(capsys):
 
 
 def test_info_applies_methods_and_reads_files(capsys):
-    assert cli.main(["info", str(require(SHAMAIL)), "--model-arg", "num_heads=4", "--method", "linear"]) == 0
+    assert cli.main(["info", str(require(SHAMAIL)), "--model-arg", "num_heads=4", "--model-arg", "num_classes=10",
+                     "--method", "linear"]) == 0
     assert "1,290 trainable" in capsys.readouterr().out
 
 

@@ -44,8 +44,9 @@ def parse_pairs(pairs: list[str]) -> dict:
 def load_model(args: argparse.Namespace):
     import vitkit as vk
 
-    return vk.load(args.model, arch=args.arch, num_classes=args.num_classes, pretrained=not args.no_pretrained,
-                   **parse_pairs(args.model_arg))
+    extra = parse_pairs(args.model_arg)
+    num_classes = args.num_classes if args.num_classes is not None else extra.pop("num_classes", None)
+    return vk.load(args.model, arch=args.arch, num_classes=num_classes, pretrained=not args.no_pretrained, **extra)
 
 
 def _run_info(args: argparse.Namespace) -> None:
