@@ -1,0 +1,52 @@
+"""Adapters on one model: vpt + lora (+ adaptformer) train together and save/load; later methods keep what
+earlier ones train."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vitkit as vk
+from conftest import SHAMAIL, make_variant, require
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("order", [("vpt", "lora"), ("lora", "vpt")])
+def test_later_methods_keep_earlier_trainables(order):
+    model = make_variant("registers")
+    for name in order:
+        vk.adapt(model, name, **({"deep": True} if name == "vpt" else {}))
+    names = trainable_names(model)
+    assert "vpt.prompts" in names and any("lora_A" in n for n in names) and "head.weight" in names
+    assert all(n == "vpt.prompts" or "lora_" in n or n.startswith("head.") for n in names)
+
+
+def test_vpt_lora_adaptformer_train_and_save_load(tmp_path):
+    """On the real CIFAR ViT (a fingerprinted base): three adapters train together; the save holds only them."""
+    torch.manual_seed(0)
+    model = vk.load(require(SHAMAIL), num_heads=4, num_classes=10)
+    vk.adapt(model, "vpt", num_prompts=4, deep=True)
+    vk.adapt(model, "lora", rank=4)
+    vk.adapt(model, "adaptformer", bottleneck=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    model.train()
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    moved = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert moved == set(before), sorted(set(before) - moved)[:5]
+    model.eval()
+    saved = vk.save(model, tmp_path / "composed")
+    keys = json.loads((saved / "vitkit.json").read_text())["tensors"]
+    assert set(keys) == set(before), sorted(set(keys) ^ set(before))[:5]
+    loaded = vk.load(saved).eval()
+    assert [a.name for a in vk.applied(loaded)] == ["vpt", "lora", "adaptformer"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
