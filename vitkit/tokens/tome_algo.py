@@ -45,6 +45,13 @@ def max_r(num_tokens: int, num_prefix: int) -> int:
     return max(0, (num_tokens - num_prefix) // 2)
 
 
+def _halves(t: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the A (even positions >= P) and B (odd positions >= P) tokens of `t` (B, N, ...): no copies."""
+    a0 = num_prefix + num_prefix % 2
+    b0 = num_prefix + 1 - num_prefix % 2
+    return t[:, a0::2], t[:, b0::2]
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Optional[Match]:
     """Match the `r` most similar A->B pairs (cosine similarity of `metric`, (B, N, d)); None if r caps to 0.
 
@@ -59,7 +66,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Op
     a_idx, b_idx = pos[pos % 2 == 0], pos[pos % 2 == 1]
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scores = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # (B, nA, nB)
+        ma, mb = _halves(m, num_prefix)
+        scores = ma @ mb.transpose(1, 2)  # (B, nA, nB)
         best, partner = scores.max(dim=-1)  # (B, nA)
         order = best.argsort(dim=-1, descending=True, stable=True)
         src = order[:, :r]
@@ -85,16 +93,20 @@ def merge_weighted(x: torch.Tensor, sizes: Optional[torch.Tensor], match: Match)
         (B, N - r, C) tokens `[prefix, kept A in position order, B in position order]` and their sizes.
     """
     B, N, C = x.shape
+    p = match.num_prefix
+    xa, xb = _halves(x, p)
+    dst = match.dst.unsqueeze(-1)
     if sizes is None:
         sizes = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
-    p = match.num_prefix
-    xa, xb = x[:, match.a_idx], x[:, match.b_idx]
-    sa, sb = sizes[:, match.a_idx], sizes[:, match.b_idx]
-    s_src = _take(sa, match.src)
-    new_sb = sb.scatter_add(1, match.dst.unsqueeze(-1), s_src)
-    weighted = (xb * sb.to(x.dtype)).scatter_add(1, match.dst.unsqueeze(-1).expand(-1, -1, C),
-                                                  _take(xa, match.src) * s_src.to(x.dtype))
-    merged = torch.where(new_sb == sb, xb, weighted / new_sb.to(x.dtype))  # untouched B tokens stay bit-exact
+        sa, sb = _halves(sizes, p)
+        new_sb = sb.scatter_add(1, dst, _take(sa, match.src))
+        merged = xb.scatter_add(1, dst.expand(-1, -1, C), _take(xa, match.src))
+    else:
+        sa, sb = _halves(sizes, p)
+        s_src = _take(sa, match.src)
+        new_sb = sb.scatter_add(1, dst, s_src)
+        merged = (xb * sb.to(x.dtype)).scatter_add_(1, dst.expand(-1, -1, C), _take(xa, match.src) * s_src.to(x.dtype))
+    merged = merged.div_(new_sb.to(x.dtype))
     out = torch.cat([x[:, :p], _take(xa, match.unm), merged], dim=1)
     out_sizes = torch.cat([sizes[:, :p], _take(sa, match.unm), new_sb], dim=1)
     return out, out_sizes
