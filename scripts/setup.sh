@@ -9,4 +9,4 @@ fi
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 quiet .venv/bin/python -m pip install -q --upgrade pip
 quiet .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,ray]"
