@@ -34,8 +34,8 @@ def test_adapter_on_the_embedded_model_saves_small_and_reloads(tmp_path):
 
 def test_linear_probe_beats_a_random_twin_on_digits():
     # Another domain than the CIFAR pretraining: scikit-learn digits, 50 train / 50 test per class, 32 px RGB.
-    # Measured (final checkpoint, 2-core CPU): pretrained MEASURED_PRE, random twins (seeds 0-2) MEASURED_RAND.
-    # Asserted: the pretrained probe beats the best of three random twins by at least MARGIN.
+    # Measured (shipped checkpoint, 2-core CPU): pretrained 0.906, random twins (seeds 0-2) 0.740, 0.718, 0.746:
+    # a margin of 0.160 over the best twin. Asserted: at least MARGIN = 0.10 over the best of the three.
     pretrained = vk.load(NAME)
     tf = vk.data.transform(pretrained)
     parts = vk.data.split(vk.data.digits(), seed=0, train=50, test=50)

@@ -180,6 +180,7 @@ def write_outputs(summary: dict, out: Path) -> None:
         ax.annotate(r["method"], (r["trainable_params"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)  # room for the labels
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{summary['model']} on digits, same budget per method")
