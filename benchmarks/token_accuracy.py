@@ -36,12 +36,12 @@ SHAMAIL = SHARED / "weights" / "shamail-123_VisionTriad-CIFAR10" / "model" / "be
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 SWEEPS = {
-    "tome": [dict(r=r) for r in (1, 2, 3, 4, 5, 6, 8, 10)] + [dict(r=r, inflect=-1.0) for r in (4, 6)],
-    "evit": [dict(keep_rate=k) for k in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)]
+    "tome": [dict(r=r) for r in (1, 2, 3, 4, 5, 6, 8, 10)] + [dict(r=4, inflect=-1.0)],
+    "evit": [dict(keep_rate=k) for k in (0.9, 0.8, 0.7, 0.6, 0.5)]
     + [dict(keep_rate=k, drop_loc=(1, 2, 3, 4)) for k in (0.9, 0.8)],
-    "ats": [dict(num_samples=k) for k in (65, 48, 40, 32, 24, 16)]
-    + [dict(num_samples=k, blocks=(2, 3, 4, 5)) for k in (32, 24)],
-    "gtp": [dict(num_prop=p) for p in (1, 2, 3, 4, 5, 6, 8)],
+    "ats": [dict(blocks=b) for b in ((5,), (4, 5), (3, 4, 5), (2, 3, 4, 5))]
+    + [dict(blocks=(3, 4, 5), num_samples=48), dict(), dict(num_samples=32)],
+    "gtp": [dict(num_prop=p) for p in (1, 2, 3, 4, 6, 8)],
 }
 
 
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=200, help="sweep images per class (all 1000 for the summary)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--flop-images", type=int, default=20)
+    ap.add_argument("--flop-images", type=int, default=100)
     ap.add_argument("--target", type=float, default=0.25, help="FLOPs reduction at which drops are reported")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
