@@ -35,14 +35,14 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _data_args(parser: argparse.ArgumentParser, part: str) -> None:
+def _data_args(parser: argparse.ArgumentParser, part: str, default_part: str) -> None:
     parser.add_argument("--data", required=False, help="image folder (root/<class>/*.jpg) or a bundled dataset: digits")
     parser.add_argument("--split", default=None, metavar="PART=N,...",
                         help="stratified split, counts per class (train=800,test=200) or fractions (train=0.8,test=0.2)")
     parser.add_argument("--split-seed", default=0, type=lambda s: None if s.lower() == "none" else int(s),
                         help="split shuffle seed; `none` keeps the folder order (first N per class)")
     parser.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images")
-    parser.add_argument(f"--{part}-part", default=part, help=f"which split part to {part} on")
+    parser.add_argument(f"--{part}-part", default=default_part, help=f"which split part to {part} on")
 
 
 def load_data(args: argparse.Namespace) -> dict:
@@ -123,7 +123,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model (vk.fit): checkpoints, resume, metrics",
                        description="Fine-tune what the applied methods leave trainable (default: full).")
     _model_args(p)
-    _data_args(p, "train")
+    _data_args(p, "train", "train")
     p.add_argument("--val-part", default="val", help="split part to validate on each epoch (if present)")
     p.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]",
                    help="adaptation method(s) to apply first (default: full)")
@@ -192,7 +192,7 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="measure a model: finetuned head, linear probe, k-NN, few-shot",
                        description="Evaluate with one or more protocols (vk.evaluate).")
     _model_args(p)
-    _data_args(p, "eval")
+    _data_args(p, "eval", "test")
     p.add_argument("--train-part", default="train", help="split part used as probe / k-NN / few-shot reference")
     p.add_argument("--protocol", action="append", choices=("finetuned", "linear", "knn", "fewshot"), default=[],
                    help="protocol (repeatable; default finetuned)")
