@@ -214,6 +214,27 @@ def test_rslora_scaling():
     assert model.blocks[0].attn.proj.scaling["default"] == pytest.approx(8.0 / 4 ** 0.5)
 
 
+@pytest.mark.parametrize("tuner,per_layer", [
+    ("loha", 2 * R * (D + 3 * D)),                 # two Hadamard-multiplied rank-r pairs on qkv (D -> 3D)
+    ("lokr", None),                                # Kronecker factors: counted by PEFT, checked > 0
+])
+def test_other_peft_tuners_pass_through(tuner, per_layer, images):
+    model = make_variant("registers")
+    reference = copy.deepcopy(model)
+    vk.adapt(model, "lora", tuner=tuner, targets=("qkv",))
+    adapters = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head."))
+    assert adapters == (L * per_layer if per_layer else adapters) and adapters > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)  # identity at init
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.startswith("head."):
+                p.add_(0.05 * torch.randn_like(p))
+        out = model(images)
+        merged = lora.merge(model)
+        torch.testing.assert_close(merged(images), out, atol=1e-5, rtol=1e-5)
+    assert type(merged.blocks[0].attn.qkv) is torch.nn.Linear
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -223,6 +244,8 @@ def test_rslora_scaling():
     (dict(rank=0), "`rank` must be >= 1"),
     (dict(peft_kwargs={"r": 4}), "use rank"),
     (dict(peft_kwargs={"use_dora": True}), "only reach PEFT targets"),
+    (dict(tuner="loha"), "q/k/v slice targets are LoRA layers"),
+    (dict(tuner="loha", targets=("qkv",), dropout=0.1), "pass peft_kwargs"),
 ])
 def test_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=f"lora: .*{match}"):

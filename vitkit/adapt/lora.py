@@ -14,7 +14,7 @@ Linear in the blocks), or any regular expression matched in full against module 
 Hand-written here, and why: everything but the q/k/v slices goes through PEFT's `inject_adapter_in_model`
 (keys `...qkv.base_layer.weight`, `...qkv.lora_A.default.weight`; the adapter loads with PEFT's own
 `set_peft_model_state_dict`); PEFT's other LoRA options (`use_dora`, `use_rslora`, `init_lora_weights`, ...)
-pass through `peft_kwargs`. The paper's q+v update on a *fused* qkv needs one layer, `QKVLoRA`: per chosen
+pass through `peft_kwargs`, and `tuner="loha"` / `"lokr"` swaps in PEFT's LoHa / LoKr on the same targets. The paper's q+v update on a *fused* qkv needs one layer, `QKVLoRA`: per chosen
 slice `A_s (r x D)`, `B_s (D x r)`; the k rows of its weight delta are exactly zero. It keeps the wrapped Linear
 as `base_layer`, so `vk.save` writes only the factors. `merge(model)` folds every LoRA layer into its Linear
 and leaves a plain timm `VisionTransformer`.
@@ -27,6 +27,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,8 @@ FRIENDLY = {  # friendly target -> suffixes of module names
     "qkv": (".attn.qkv",), "proj": (".attn.proj",), "fc1": (".mlp.fc1",), "fc2": (".mlp.fc2",),
     "mlp": (".mlp.fc1", ".mlp.fc2"),
 }
-RESERVED = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets"}
+RESERVED = {"r": "rank", "lora_alpha": "alpha", "alpha": "alpha", "lora_dropout": "dropout",
+            "target_modules": "targets"}
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,17 @@ class Config:
     peft_kwargs: dict = field(default_factory=dict, metadata={
         "help": "extra peft.LoraConfig options for the PEFT targets, e.g. {'use_dora': True} or "
                 "{'use_rslora': True}"})
+    tuner: Literal["lora", "loha", "lokr"] = field(default="lora", metadata={
+        "help": "PEFT tuner for the PEFT targets: lora, loha (LoHa) or lokr (LoKr); q/k/v slices need lora"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head too"})
 
     def __post_init__(self):
+        if self.tuner != "lora" and any(t in SLICES for t in self.targets):
+            raise ValueError(f"lora: q/k/v slice targets are LoRA layers; with tuner={self.tuner!r} use "
+                             "targets such as ('qkv',)")
+        if self.tuner != "lora" and self.dropout:
+            raise ValueError(f"lora: `dropout` is LoRA's input dropout; with tuner={self.tuner!r} pass "
+                             "peft_kwargs={'module_dropout': ...} or {'rank_dropout': ...}")
         if self.rank < 1:
             raise ValueError(f"lora: `rank` must be >= 1, got {self.rank}")
         if self.alpha <= 0:
@@ -175,18 +185,22 @@ def resolve_targets(model: nn.Module, targets: tuple[str, ...]) -> tuple[tuple[s
 
 
 def peft_config(cfg: Config, module_names: list[str]):
-    """The `peft.LoraConfig` that `apply` uses for the PEFT targets (same for PEFT's own API)."""
-    from peft import LoraConfig
+    """The PEFT config (`LoraConfig`, `LoHaConfig`, `LoKrConfig`) `apply` uses for the PEFT targets; the same
+    config on the same base with PEFT's own API loads the saved adapter."""
+    import peft
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=module_names,
-                      **cfg.peft_kwargs)
+    if cfg.tuner == "lora":
+        return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                               target_modules=module_names, **cfg.peft_kwargs)
+    config_cls = {"loha": peft.LoHaConfig, "lokr": peft.LoKrConfig}[cfg.tuner]
+    return config_cls(r=cfg.rank, alpha=cfg.alpha, target_modules=module_names, **cfg.peft_kwargs)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every LoRA layer in `model` (PEFT's and `QKVLoRA`), with its name."""
-    from peft.tuners.lora import LoraLayer
+    """Every LoRA-family layer in `model` (PEFT's tuner layers and `QKVLoRA`), with its name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, QKVLoRA))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, QKVLoRA))]
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
@@ -198,16 +212,17 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         raise ValueError("lora: the model already has LoRA layers; merge them first (vitkit.adapt.lora.merge)")
     keep = earlier_trainable(model)
     slices, names = resolve_targets(model, cfg.targets)
+    trained: set[str] = set()
     if names:
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(peft_config(cfg, names), model)
         for _, layer in lora_layers(model):  # new layers start in train mode; follow the model's
             layer.train(model.training)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}  # PEFT marked its adapters only
     for block in (model.blocks if slices else []):
         block.attn.qkv = QKVLoRA(block.attn.qkv, slices, cfg.rank, cfg.alpha, cfg.dropout)
         block.attn.qkv.train(model.training)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}  # PEFT marked these
     trained |= {f"{n}.{pn}" for n, m in lora_layers(model) if isinstance(m, QKVLoRA)
                 for pn, _ in m.named_parameters() if pn.startswith("lora_")}
     freeze_except(model, keep | trained, train_head=cfg.train_head)
