@@ -56,6 +56,9 @@ def test_trainable_count_formula(targets, per_block):
     assert trainable(model) == L * per_block + HEAD
     info = vk.info(model)
     assert info.trainable_params - info.trainable_head_params == L * per_block
+    fraction = 100 * (L * per_block + HEAD) / info.total_params
+    assert f"{L * per_block + HEAD:,} trainable ({fraction:.3f}%)" in str(info)
+    assert f"{L * per_block:,} trainable without the head" in str(info)
 
 
 def test_vit_base_counts_match_paper():
