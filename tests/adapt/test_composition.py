@@ -50,3 +50,32 @@ def test_vpt_lora_adaptformer_train_and_save_load(tmp_path):
     assert [a.name for a in vk.applied(loaded)] == ["vpt", "lora", "adaptformer"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+
+
+def test_lora_then_ssf_merge_to_plain_timm(images):
+    """SSF wraps the LoRA layers; merging LoRA, then SSF, gives a plain timm model with the same outputs."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitkit.adapt import lora, ssf
+
+    model = make_variant("registers")
+    vk.adapt(model, "lora", targets=("q", "v", "mlp"))
+    vk.adapt(model, "ssf")
+    assert any("lora_" in n for n in trainable_names(model)) and any("ssf_" in n for n in trainable_names(model))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        out = model(images)
+        with pytest.raises(NotImplementedError, match="ssf: cannot merge into a QKVLoRA"):
+            ssf.merge(model)  # refused before any change
+        torch.testing.assert_close(model(images), out, atol=0, rtol=0)
+        merged = ssf.merge(lora.merge(model))
+        torch.testing.assert_close(merged(images), out, atol=1e-5, rtol=1e-5)
+    assert type(merged) is VisionTransformer and vk.applied(merged) == []
+
+
+def test_lora_slices_after_ssf_refused():
+    model = vk.adapt(make_variant("plain"), "ssf")
+    with pytest.raises(ValueError, match="lora: blocks.0.attn.qkv is a SSF, not a Linear"):
+        vk.adapt(model, "lora")

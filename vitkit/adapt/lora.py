@@ -212,6 +212,10 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         raise ValueError("lora: the model already has LoRA layers; merge them first (vitkit.adapt.lora.merge)")
     keep = earlier_trainable(model)
     slices, names = resolve_targets(model, cfg.targets)
+    wrapped = [i for i, b in enumerate(model.blocks) if slices and not isinstance(b.attn.qkv, nn.Linear)]
+    if wrapped:
+        raise ValueError(f"lora: blocks.{wrapped[0]}.attn.qkv is a {type(model.blocks[wrapped[0]].attn.qkv).__name__}, "
+                         "not a Linear; apply lora before methods that wrap qkv (e.g. ssf)")
     trained: set[str] = set()
     if names:
         from peft import inject_adapter_in_model

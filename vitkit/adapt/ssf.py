@@ -89,6 +89,8 @@ def sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _width(module: nn.Module) -> int:
+    if hasattr(module, "base_layer"):  # a wrapper (LoRA): SSF follows its output, sized by the wrapped layer
+        return _width(module.base_layer)
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, nn.Conv2d):
@@ -117,7 +119,12 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every SSF affine into the layer before it; leaves a plain timm `VisionTransformer`."""
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, SSF)]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, SSF)]
+    for name, module in found:  # check every site before changing any
+        if not isinstance(module.base_layer, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            raise NotImplementedError(f"ssf: cannot merge into a {type(module.base_layer).__name__} ({name}); merge "
+                                      "the method applied before ssf first (e.g. vitkit.adapt.lora.merge)")
+    for name, module in found:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module.merged())
     forget(model, "ssf")
