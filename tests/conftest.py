@@ -1,7 +1,11 @@
 """Shared fixtures: the conformance variants (tiny random-init timm ViTs) and real offline data paths."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads sleep, not spin
+
+from pathlib import Path  # noqa: E402
 
 import pytest
 import torch

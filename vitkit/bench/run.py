@@ -65,6 +65,7 @@ def fingerprint(device: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- data
 _TASK_CACHE: dict[Task, tuple] = {}
+_FEATURE_CACHE: dict[str, tuple] = {}
 
 
 def task_data(task: Task):
@@ -173,24 +174,31 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str) -> 
         row.update(trainable_params=info.trainable_params, trainable_frac=info.trainable_fraction,
                    adapter_bytes=0 if post else (saved / "weights.safetensors").stat().st_size)
 
-        def evaluate(data):
-            return vk.evaluate(model, data, protocol="finetuned")["top1"]
+        def evaluate(data=None):  # None: the clean evaluation split
+            return vk.evaluate(model, eval_t if data is None else data, protocol="finetuned")["top1"]
     else:
         from vitkit.train.evaluate import features, knn_scores, linear_probe_scores, scores_report
 
         model = build(cell, num_classes=len(train.classes)).to(device).requires_grad_(False)
         info = vk.info(model)
         transform = vk.data.transform(model, **cell.backbone.data)
-        train_f, train_y = features(model, train.with_transform(transform))  # shared by clean and OOD scores
+        # linear and k-NN cells of one (backbone, chain, task, seed) share their frozen features
+        shared = Cell(cell.backbone, cell.chain, cell.task, "features", cell.seed).key
+        if shared not in _FEATURE_CACHE:
+            _FEATURE_CACHE.clear()  # one entry: cells of a (backbone, chain) run one after another
+            _FEATURE_CACHE[shared] = (features(model, train.with_transform(transform)),
+                                      features(model, evaluation.with_transform(transform)))
+        (train_f, train_y), clean = _FEATURE_CACHE[shared]
         score = knn_scores if cell.protocol == "knn" else linear_probe_scores
         classes = len(train.classes)
 
-        def evaluate(data):
-            test_f, labels = features(model, data)
+        def evaluate(data=None):  # None: the clean evaluation split
+            test_f, labels = clean if data is None else features(model, data)
             return scores_report(score(train_f, train_y, test_f, classes), labels, classes)["top1"]
 
+
     row["params"] = info.total_params
-    row["acc"] = evaluate(evaluation.with_transform(transform))
+    row["acc"] = evaluate()
     if recipe.ood:
         from .ood import OODDataset
 
