@@ -3,8 +3,9 @@
 vit_base_patch16_224 (random weights: speed does not depend on them), fp32, batch 8, `--threads` CPU threads.
 ToMe at r in {0, 4, 8, 13, 16} (and r=13 without proportional attention), EViT / ATS / GTP at the setting whose
 FLOPs are closest to ToMe r=13. Baseline: an untouched `timm.create_model` (fused SDPA). Timing: `--rounds`
-interleaved rounds (every model once per round, after a warm-up), median seconds per batch; the ratio is
-median(baseline) / median(model). FLOPs: torch's FlopCounterMode with eager attention (vk.info), so the
+rounds; in each, every model (shuffled order) runs right after a baseline forward, and the throughput ratio
+is the median over rounds of t(baseline) / t(model) within each pair (robust to load changes on a shared
+machine). FLOPs: torch's FlopCounterMode with eager attention (vk.info), so the
 baseline's attention is counted too; for ATS (data-dependent) on the benchmark batch.
 
     python benchmarks/token_reduction.py                 # writes benchmarks/results/token_reduction.*
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -65,7 +67,7 @@ def main() -> None:
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", choices=["tome", "all"], default="all")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -87,24 +89,34 @@ def main() -> None:
                                                        (method, cfg))
     flops = {name: gmacs(m, x) for name, (m, _) in models.items()}
 
+    # Paired timing: each model right after a baseline forward, in a shuffled order every round, so load
+    # changes on a shared machine hit both sides of a ratio; the ratio is the median of per-pair ratios.
+    base_name = "timm SDPA (baseline)"
     times = {name: [] for name in models}
+    ratios = {name: [] for name in models}
+    rng = random.Random(0)
+    order = list(models)
     with torch.inference_mode():
         for m, _ in models.values():  # warm-up
             m(x)
         for _ in range(args.rounds):
-            for name, (m, _) in models.items():
-                t = time.perf_counter()
-                m(x)
-                times[name].append(time.perf_counter() - t)
-    base_name = "timm SDPA (baseline)"
+            rng.shuffle(order)
+            for name in order:
+                pair = []
+                for m in (base, models[name][0]):
+                    t = time.perf_counter()
+                    m(x)
+                    pair.append(time.perf_counter() - t)
+                times[name].append(pair[1])
+                ratios[name].append(pair[0] / pair[1])
     med = {name: statistics.median(t) for name, t in times.items()}
     rows = []
     for name, (_, spec) in models.items():
         rows.append(dict(name=name, config=spec, gmacs=flops[name], flops_ratio=flops[base_name] / flops[name],
-                         s_per_batch=med[name], img_s=args.batch / med[name], speedup=med[base_name] / med[name],
-                         times=times[name]))
+                         s_per_batch=med[name], img_s=args.batch / med[name],
+                         speedup=statistics.median(ratios[name]), times=times[name], ratios=ratios[name]))
     lines = [f"{args.model}, random weights, fp32, batch {args.batch}, {args.threads} CPU threads, "
-             f"{args.rounds} interleaved rounds (median); torch {torch.__version__}, timm {timm.__version__}", "",
+             f"{args.rounds} rounds of (baseline, model) pairs in shuffled order, median of per-pair ratios; torch {torch.__version__}, timm {timm.__version__}", "",
              "| model | setting | GMACs/img | FLOPs ratio | s/batch (median) | img/s | throughput ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
