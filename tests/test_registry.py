@@ -75,3 +75,12 @@ def test_info_counts_and_vit_base_gmacs_match_timm():
     info = vk.info(model)
     assert info.trainable_params == info.head_params == 768 * 1000 + 1000
     assert "linear()" in str(info) and f"({100 * 769_000 / 86_567_656:.3f}%)" in str(info)
+
+
+@pytest.mark.parametrize("name", ["vpt", "ssf"])
+def test_info_and_transform_work_after_methods_that_wrap_or_prompt(name):
+    model = make_variant("plain")
+    vk.adapt(model, name)
+    info = vk.info(model)  # FLOP counting with trainable prompts; in_chans behind a wrapped patch projection
+    assert info.gmacs > 0 and info.trainable_params < info.total_params
+    assert vk.data.data_config(model)["input_size"] == (3, 32, 32)

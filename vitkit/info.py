@@ -56,10 +56,15 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int, int], batch: int =
     """Multiply-accumulates (1e9) of one forward, with attention counted on timm's eager path."""
     attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
     saved = [m.fused_attn for m in attns]
+    # the counter's module tracker fails on views of trainable parameters made under no_grad (e.g. prompt
+    # tokens expanded to the batch), so parameters are frozen while counting
+    trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     try:
         for m in attns:
             m.fused_attn = False
+        for p in trainable:
+            p.requires_grad_(False)
         model.eval()
         x = torch.zeros(batch, *input_size, device=next(model.parameters()).device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -67,6 +72,8 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int, int], batch: int =
     finally:
         for m, s in zip(attns, saved):
             m.fused_attn = s
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9 / batch
 
@@ -77,7 +84,7 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
     h, w = layout.img_size if input_size is None else (
         (input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
     layout.grid((h, w))  # clear error for a size the model cannot take
-    in_chans = model.patch_embed.proj.in_channels
+    in_chans = layout.in_chans
     head_names = head_parameter_names(model)
     params = list(model.named_parameters())
     base = model.__dict__.get("_vitkit_base", {})

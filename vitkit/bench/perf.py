@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 
 from vitkit.info import count_gmacs
+from vitkit.models.layout import token_layout
 
 
 def _input(model: nn.Module, batch: int, device: str) -> torch.Tensor:
-    chans = model.patch_embed.proj.in_channels
-    h, w = model.patch_embed.img_size
-    return torch.randn(batch, chans, h, w, device=device)
+    layout = token_layout(model)
+    return torch.randn(batch, layout.in_chans, *layout.img_size, device=device)
 
 
 def _sync(device: str) -> None:

@@ -29,7 +29,7 @@ def data_config(model: nn.Module, **overrides: Any) -> dict:
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
-        chans = patch_embed.proj.in_channels
+        chans = next(m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels  # SSF may wrap proj
         size = (chans, *img_size)
         if tuple(cfg["input_size"]) != size:  # the pretrained_cfg describes another input size: ignore its crop
             _log.debug("data config: input size %s from the model (pretrained_cfg said %s)", size, cfg["input_size"])

@@ -26,6 +26,7 @@ class TokenLayout:
         grid_size: (gh, gw) at the model's configured input size.
         dynamic_img_size: whether the model accepts other input sizes.
         embed_dim: token width.
+        in_chans: image channels the patch embedding takes.
     """
 
     num_prefix_tokens: int
@@ -37,6 +38,7 @@ class TokenLayout:
     grid_size: tuple[int, int]
     dynamic_img_size: bool
     embed_dim: int
+    in_chans: int
 
     @property
     def num_patches(self) -> int:
@@ -111,4 +113,6 @@ def token_layout(model: nn.Module) -> TokenLayout:
         grid_size=tuple(pe.grid_size),
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
         embed_dim=int(model.embed_dim),
+        # the first convolution, so that a method wrapping `patch_embed.proj` (SSF) does not hide it
+        in_chans=next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels,
     )
