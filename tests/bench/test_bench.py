@@ -68,7 +68,7 @@ def test_perf_cells_compare_with_the_baseline(tmp_path):
     perf = next(r for r in result.rows if r["protocol"] == "perf")
     assert perf["status"] == "ok" and perf["flops_ratio"] == 1.0
     assert perf["gmacs"] == pytest.approx(vk.info(vk.load("vit_tiny_patch16_224", **TINY)).gmacs)
-    assert perf["throughput_ips"] > 0 and perf["mem_kind"] == "cpu-rss-sampled"
+    assert perf["throughput_ips"] > 0 and perf["mem_kind"] == "cpu-tensor-bytes-memtracker" and perf["peak_mem_mib"] > 0
 
 
 @pytest.mark.slow

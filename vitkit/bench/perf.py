@@ -1,16 +1,16 @@
 """Cost of a model next to its baseline, measured in one run (bench.md §4, report contract).
 
 Throughput: random input, warm-up, then rounds that alternate baseline and model (A B A B ...), each round at
-least `min_iters` iterations and `min_seconds`; the median over rounds is reported with the spread. Memory:
-CUDA `max_memory_allocated` after `reset_peak_memory_stats`; on CPU the peak resident memory of this process
-sampled every millisecond during a forward, minus the resident memory before it (approximate, never compared
-with CUDA; `mem_kind` says which). FLOPs: `vitkit.info.count_gmacs` (attention counted on the eager path).
+least `min_iters` iterations and `min_seconds`; the median over rounds is reported with the spread. Memory of
+one forward, parameters included: CUDA `max_memory_allocated` after `reset_peak_memory_stats`; on CPU, where
+torch keeps no allocator statistics, the peak of live tensor bytes counted by torch's `MemTracker` (never
+compared with CUDA; `mem_kind` says which). FLOPs: `vitkit.info.count_gmacs` (eager attention while counting).
 """
 from __future__ import annotations
 
 import statistics
-import threading
 import time
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -41,33 +41,22 @@ def _time_round(model: nn.Module, x: torch.Tensor, min_iters: int, min_seconds: 
     return iters * x.shape[0] / (time.perf_counter() - start)
 
 
-def peak_memory_mib(model: nn.Module, x: torch.Tensor, device: str) -> tuple[float, str]:
-    """Peak extra memory of one forward (MiB) and how it was measured."""
+def peak_memory_mib(model: nn.Module, x: torch.Tensor, device: str) -> tuple[Optional[float], str]:
+    """Peak memory of one forward (MiB: parameters + activations) and how it was measured."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
         with torch.no_grad():
             model(x)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda-max-allocated"
-    import psutil
-
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    with torch.no_grad():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda-max-allocated"
+    try:  # CPU torch has no allocator statistics; torch's MemTracker counts live tensor bytes per device
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None, "unavailable"
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker, torch.no_grad():
         model(x)
-    done.set()
-    thread.join()
-    return max(0.0, (peak[0] - base) / 2**20), "cpu-rss-sampled"
+    return tracker.get_tracker_snapshot("peak")[x.device]["Total"] / 2**20, "cpu-tensor-bytes-memtracker"
 
 
 def compare(baseline: nn.Module, model: nn.Module, *, batch: int = 8, device: str = "cpu", rounds: int = 5,

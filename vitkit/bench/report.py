@@ -78,7 +78,7 @@ def markdown(rows: list[dict]) -> str:
                 _fmt(delta, "+.3f"), _fmt(any_cell.get("params"), ".2f", 1e-6),
                 "-" if not ft.get("trainable_params") else f"{ft['trainable_params']:,} ({100 * ft['trainable_frac']:.1f}%)",
                 _fmt(ft.get("adapter_bytes"), ".1f", 1 / 1024), _fmt(p.get("gmacs"), ".4f"),
-                "-" if not p else f"{p['throughput_ips']:.0f} ({p['speedup']:.2f}×)", _fmt(p.get("peak_mem_mib"), ".1f"),
+                "-" if not p else f"{p['throughput_ips']:.0f} ({p['speedup']:.2f}×)", _fmt(p.get("peak_mem_mib"), ".2f"),
                 _fmt(max(ood) if ood else None)]
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
