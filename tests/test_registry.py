@@ -84,3 +84,8 @@ def test_info_and_transform_work_after_methods_that_wrap_or_prompt(name):
     info = vk.info(model)  # FLOP counting with trainable prompts; in_chans behind a wrapped patch projection
     assert info.gmacs > 0 and info.trainable_params < info.total_params
     assert vk.data.data_config(model)["input_size"] == (3, 32, 32)
+
+
+def test_misspelt_lora_names_lora():
+    with pytest.raises(ValueError, match="did you mean `lora`"):
+        vk.apply(make_variant("plain"), "lroa")
