@@ -5,6 +5,7 @@ kernel, so attention is switched to timm's eager path while counting (and restor
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,29 +53,37 @@ class Info:
         return "\n".join(lines)
 
 
+@contextmanager
+def frozen_eval(model: nn.Module):
+    """Eval mode, no grad and every parameter frozen, restored afterwards. torch's module trackers (the flop
+    counter's, MemTracker's) fail on trainable parameters under no_grad (e.g. prompt views, adapter weights)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.no_grad():
+            yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 def count_gmacs(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> float:
     """Multiply-accumulates (1e9) of one forward, with attention counted on timm's eager path."""
     attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
     saved = [m.fused_attn for m in attns]
-    # the counter's module tracker fails on views of trainable parameters made under no_grad (e.g. prompt
-    # tokens expanded to the batch), so parameters are frozen while counting
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
     try:
         for m in attns:
             m.fused_attn = False
-        for p in trainable:
-            p.requires_grad_(False)
-        model.eval()
         x = torch.zeros(batch, *input_size, device=next(model.parameters()).device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with frozen_eval(model), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         for m, s in zip(attns, saved):
             m.fused_attn = s
-        for p in trainable:
-            p.requires_grad_(True)
-        model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9 / batch
 
 

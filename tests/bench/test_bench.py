@@ -64,11 +64,12 @@ def test_a_failing_cell_is_a_row(tmp_path):
 
 
 def test_perf_cells_compare_with_the_baseline(tmp_path):
-    result = bench(recipe(protocols=["knn"], chains=[], perf=True), out=tmp_path, progress=False)
-    perf = next(r for r in result.rows if r["protocol"] == "perf")
+    result = bench(recipe(protocols=["finetune"], chains=["lora"], perf=True), out=tmp_path, progress=False)
+    perf = next(r for r in result.rows if r["protocol"] == "perf" and r["chain"] == "baseline")
+    assert next(r for r in result.rows if r["protocol"] == "perf" and r["chain"] == "lora")["status"] == "ok"
     assert perf["status"] == "ok" and perf["flops_ratio"] == 1.0
     assert perf["gmacs"] == pytest.approx(vk.info(vk.load("vit_tiny_patch16_224", **TINY)).gmacs)
-    assert perf["throughput_ips"] > 0 and perf["mem_kind"] == "cpu-tensor-bytes-memtracker" and perf["peak_mem_mib"] > 0
+    assert perf["throughput_ips"] > 0 and perf["mem_kind"] == "cpu-profiler-allocations" and perf["peak_mem_mib"] > 0
 
 
 @pytest.mark.slow

@@ -1,16 +1,18 @@
 """Cost of a model next to its baseline, measured in one run (bench.md §4, report contract).
 
 Throughput: random input, warm-up, then rounds that alternate baseline and model (A B A B ...), each round at
-least `min_iters` iterations and `min_seconds`; the median over rounds is reported with the spread. Memory of
-one forward, parameters included: CUDA `max_memory_allocated` after `reset_peak_memory_stats`; on CPU, where
-torch keeps no allocator statistics, the peak of live tensor bytes counted by torch's `MemTracker` (never
-compared with CUDA; `mem_kind` says which). FLOPs: `vitkit.info.count_gmacs` (eager attention while counting).
+least `min_iters` iterations and `min_seconds`; the median over rounds is reported with the spread. Memory: the
+peak one forward allocates on top of the weights; CUDA `max_memory_allocated` after `reset_peak_memory_stats`;
+on CPU, where torch keeps no allocator statistics, the running sum of the profiler's per-op allocations and
+frees (`profile_memory=True`), in time order (never compared with CUDA; `mem_kind` says which). FLOPs: `vitkit.info.count_gmacs` (eager attention while counting).
 """
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
-from typing import Optional
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -41,22 +43,38 @@ def _time_round(model: nn.Module, x: torch.Tensor, min_iters: int, min_seconds: 
     return iters * x.shape[0] / (time.perf_counter() - start)
 
 
-def peak_memory_mib(model: nn.Module, x: torch.Tensor, device: str) -> tuple[Optional[float], str]:
-    """Peak memory of one forward (MiB: parameters + activations) and how it was measured."""
+def peak_memory_mib(model: nn.Module, x: torch.Tensor, device: str) -> tuple[float, str]:
+    """Peak memory one forward allocates on top of the weights (MiB), and how it was measured."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         with torch.no_grad():
             model(x)
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda-max-allocated"
-    try:  # CPU torch has no allocator statistics; torch's MemTracker counts live tensor bytes per device
-        from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError:
-        return None, "unavailable"
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker, torch.no_grad():
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, "cuda-max-allocated"
+    # CPU torch keeps no allocator statistics: replay the profiler's per-op allocations and frees in time order
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model(x)
-    return tracker.get_tracker_snapshot("peak")[x.device]["Total"] / 2**20, "cpu-tensor-bytes-memtracker"
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20, "cpu-profiler-allocations"
+
+
+@contextmanager
+def _quiet_stderr():
+    """The profiler's C++ backend prints start/stop lines on file descriptor 2; keep them out of the output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def compare(baseline: nn.Module, model: nn.Module, *, batch: int = 8, device: str = "cpu", rounds: int = 5,
