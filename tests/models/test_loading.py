@@ -183,3 +183,13 @@ def test_embedded_model_and_its_random_twin(tmp_path):
     assert not torch.equal(twin.pos_embed, pretrained.pos_embed)
     vk.save(twin, tmp_path / "twin")  # a random base is saved whole and reloads exactly
     _same_outputs(vk.load(tmp_path / "twin"), twin)
+
+
+def test_a_new_untrained_head_is_saved_and_reloads(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(make_variant("plain").state_dict(), str(path))
+    model = vk.load(path, num_heads=4, num_classes=3)  # random 3-class head over pretrained weights
+    vk.save(model, tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "vitkit.json").read_text())
+    assert manifest["tensors"] == ["head.bias", "head.weight"]
+    _same_outputs(vk.load(tmp_path / "run"), model)

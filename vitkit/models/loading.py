@@ -102,7 +102,8 @@ def load_timm(name: str, *, num_classes: Optional[int] = None, pretrained: bool 
     if not isinstance(model, VisionTransformer):
         raise NotImplementedError(f"`{name}` builds a {type(model).__name__}; vitkit works on timm VisionTransformer")
     base = {"kind": "timm", "name": name, "pretrained": pretrained, "model_args": kwargs}
-    _record_base(model, base, fingerprint=pretrained)
+    fresh_head = num_classes is not None and num_classes != model.pretrained_cfg.get("num_classes", num_classes)
+    _record_base(model, base, fingerprint=pretrained, fresh_head=fresh_head)
     return model
 
 
@@ -174,7 +175,7 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
     model.load_state_dict(sd, strict=True)
     base = {"kind": "file", "path": str(path), "sha256": sha256_file(path), "arch": arch, "layout": layout,
             "model_args": model_args}
-    _record_base(model, base, fingerprint=True)
+    _record_base(model, base, fingerprint=True, fresh_head=classes != ckpt_classes)
     return model
 
 
@@ -275,10 +276,12 @@ def tensor_digest(t: torch.Tensor) -> str:
         + f":{tuple(t.shape)}:{t.dtype}"
 
 
-def _record_base(model: nn.Module, base: dict, fingerprint: bool) -> None:
+def _record_base(model: nn.Module, base: dict, fingerprint: bool, fresh_head: bool = False) -> None:
     """Remember where the model came from, and (for pretrained weights) a digest of every base tensor, so
-    that `vk.save` can write only what changed."""
-    hashes = {k: tensor_digest(v) for k, v in model.state_dict().items()} if fingerprint else None
+    that `vk.save` can write only what changed. A freshly initialised head is not part of the base: it is
+    random, so it is always saved (even untrained) and reloads identically."""
+    hashes = {k: tensor_digest(v) for k, v in model.state_dict().items()
+              if not (fresh_head and k.startswith(("head.", "head_dist.")))} if fingerprint else None
     if hashes is not None:
         base["digest"] = hashlib.blake2b("".join(f"{k}={h};" for k, h in sorted(hashes.items())).encode(),
                                          digest_size=16).hexdigest()
