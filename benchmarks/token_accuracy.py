@@ -121,7 +121,13 @@ def main() -> None:
     ap.add_argument("--flop-images", type=int, default=100)
     ap.add_argument("--target", type=float, default=0.25, help="FLOPs reduction at which drops are reported")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--replot", action="store_true",
+                    help="redraw the PNG from <out>/token_accuracy.json (accuracy and FLOPs panels only)")
     args = ap.parse_args()
+    if args.replot:
+        rows = json.loads((args.out / "token_accuracy.json").read_text())
+        plot(rows, next(r for r in rows if r["method"] == "none"), args.out / "token_accuracy.png", speed=False)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = cifar(args.per_class)
@@ -187,13 +193,13 @@ def main() -> None:
     plot(rows, ref, args.out / "token_accuracy.png")
 
 
-def plot(rows, ref, path) -> None:
+def plot(rows, ref, path, speed: bool = True) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3 if speed else 2, figsize=(15 if speed else 10, 4.2))
     for method in SWEEPS:
         rs = sorted([ref] + [r for r in rows if r["method"] == method], key=lambda r: r["tokens_removed"])
         for ax, key, label in zip(axes, ("tokens_removed", "flops_reduction", "speedup"),
