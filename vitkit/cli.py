@@ -49,13 +49,20 @@ def load_model(args: argparse.Namespace):
     return vk.load(args.model, arch=args.arch, num_classes=num_classes, pretrained=not args.no_pretrained, **extra)
 
 
+def apply_specs(model, specs: list[str]):
+    """Apply `NAME[:k=v,...]` method specs in order (the `--method` flag of every command)."""
+    import vitkit as vk
+
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        vk.apply(model, name, **parse_pairs([p for p in rest.split(",") if p]))
+    return model
+
+
 def _run_info(args: argparse.Namespace) -> None:
     import vitkit as vk
 
-    model = load_model(args)
-    for spec in args.method:
-        name, _, rest = spec.partition(":")
-        vk.apply(model, name, **parse_pairs([p for p in rest.split(",") if p]))
+    model = apply_specs(load_model(args), args.method)
     info = vk.info(model, input_size=args.input_size)
     print(info)
     if args.json:

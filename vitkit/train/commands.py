@@ -60,30 +60,20 @@ def load_data(args: argparse.Namespace) -> dict:
     return data.split(dataset, seed=args.split_seed, **parts)
 
 
-def apply_methods(model, specs: list[str]):
-    import vitkit as vk
-    from vitkit.cli import parse_pairs
-
-    for spec in specs:
-        name, _, rest = spec.partition(":")
-        vk.apply(model, name, **parse_pairs([p for p in rest.split(",") if p]))
-    return model
-
-
 # --- vitkit train ------------------------------------------------------------------------------------------
 def _run_train(args: argparse.Namespace) -> None:
     import vitkit as vk
     from vitkit import data
-    from vitkit.cli import load_model, parse_pairs
+    from vitkit.cli import apply_specs, load_model, parse_pairs
 
     args = apply_recipe(args)
     parts = load_data(args)
-    if args.train_part not in parts:
+    if args.train_part not in parts and list(parts) != ["all"]:
         raise ValueError(f"--train-part {args.train_part!r} is not a split part; parts: {', '.join(parts)}")
-    train = parts[args.train_part]
+    train = parts.get(args.train_part, parts.get("all"))  # without --split: the whole dataset
     args.num_classes = args.num_classes or len(train.classes)
     model = load_model(args)
-    apply_methods(model, args.method or ["full"])
+    apply_specs(model, args.method or ["full"])
     aug = parse_pairs(args.aug)
     train = train.with_transform(data.transform(model, train=True, **aug))
     val = parts.get(args.val_part)
@@ -153,7 +143,7 @@ def _add_train(sub) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import vitkit as vk
     from vitkit import data
-    from vitkit.cli import load_model
+    from vitkit.cli import apply_specs, load_model
     from vitkit.io import atomic_write
 
     from .evaluate import format_report
@@ -164,7 +154,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     if test is None:
         raise ValueError(f"--eval-part {args.eval_part!r} is not a split part; parts: {', '.join(parts)}")
     model = load_model(args)
-    apply_methods(model, args.method)
+    apply_specs(model, args.method)
     tf = data.transform(model)
     test = test.with_transform(tf)
     train = parts.get(args.train_part)
