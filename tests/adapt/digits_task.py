@@ -1,4 +1,4 @@
-"""The digits task for the PEFT learning tests: the real CIFAR ViT (shamail) adapted to sklearn's digits.
+"""The digits task for the PEFT learning tests: the embedded pretrained ViT adapted to sklearn's digits.
 
 sklearn `load_digits` (1,797 grey 8x8 images, offline), shuffled with a fixed seed, upsampled to 32x32 (bilinear),
 3 channels, mean = std = 0.5; 1,000 training and 500 held-out images. Training is `vk.fit` (AdamW, cosine, no
@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import vitkit as vk
-from conftest import SHAMAIL, require
 
 
 def digits_split(n_train: int = 1000, n_test: int = 500, seed: int = 0):
@@ -27,9 +26,11 @@ def digits_split(n_train: int = 1000, n_test: int = 500, seed: int = 0):
 
 
 def pretrained(seed: int = 0):
-    """The CIFAR ViT with a fresh 10-class head (seeded)."""
+    """vitkit's embedded CIFAR-10 ViT with a fresh, seeded 10-class head."""
+    model = vk.load("vitkit/vit-tiny-cifar")
     torch.manual_seed(seed)
-    return vk.load(require(SHAMAIL), num_heads=4, num_classes=10)
+    model.reset_classifier(10)
+    return model
 
 
 @torch.no_grad()

@@ -1,24 +1,27 @@
-"""Learning on real data: the real CIFAR ViT (shamail, 0.81 M) adapted to sklearn digits with `vk.fit`.
+"""Learning on real data: vitkit's embedded pretrained ViT (`vitkit/vit-tiny-cifar`, CIFAR-10) adapted to sklearn
+digits, the downstream task of `vitkit demo`, with `vk.fit`.
 
 Task (tests/adapt/digits_task.py): 800 training / 400 held-out digits, 32x32, 3 channels, mean = std = 0.5; a
 fresh seeded 10-class head; AdamW, batch 50, cosine without warmup, no weight decay, 3 epochs (48 steps), one
-torch thread (deterministic, and ~10x faster than two threads on a loaded 2-core machine). ~20 s per method.
+torch thread (deterministic, and far faster than two threads on a loaded 2-core machine). ~15 s per method.
 
-Measured (timm 1.0.31, torch 2.14.1 CPU; initial held-out accuracy 0.10 for every method):
+Measured (timm 1.0.31, torch 2.14.1 CPU; initial held-out accuracy 0.10-0.12 for every method):
 
-| method | lr | trainable | held-out acc, 3 epochs (2 epochs) |
-|---|---|---|---|
-| linear probe | 3e-2 / 1e-1 | 1,290 | 0.855 / 0.860 (0.825 / 0.832) |
-| lora q,v r=8 | 1e-2 | 25,866 | 0.942 (0.908) |
-| adaptformer d=64 | 3e-2 | 100,746 | 0.942 (0.902) |
-| vpt-deep n=10 | 2e-2 | 8,970 | 0.885 (0.840 at 3e-2) |
-| vpt n=4 (shallow) | 3e-2 | 1,802 | 0.865 (0.815) |
-| bitfit | 1e-2 | 8,458 | 0.817 (0.647) |
-| ssf | 3e-2 | 15,626 | 0.853 (0.743) |
+| method | lr | held-out acc, 3 epochs |
+|---|---|---|
+| linear probe | 1e-1 | 0.738 |
+| lora q,v r=8 | 1e-2 | 0.897 |
+| adaptformer d=64 | 3e-2 | 0.865 |
+| vpt-deep n=10 | 2e-2 | 0.760 |
+| vpt n=4 (shallow) | 3e-2 | 0.752 |
+| bitfit | 1e-2 | 0.755 |
+| ssf | 3e-2 | 0.668 |
 
-Each method must improve on its initial accuracy by at least 0.3 (measured gains 0.72-0.84); LoRA, AdaptFormer
-and VPT-deep must reach the linear probe's accuracy at its best learning rate (0.860) at the same epoch budget
-(measured margins +0.082, +0.082, +0.025: the VPT-deep margin is 10 of 400 images).
+Each method must improve on its initial accuracy by at least 0.3 (measured gains 0.55-0.80); LoRA, AdaptFormer
+and VPT-deep must reach the linear probe's accuracy at the same epoch budget (measured margins +0.159, +0.127,
++0.022: the VPT-deep margin is 9 of 400 images; the runs are seeded and single-threaded, so deterministic).
+(The same tests on the third-party shamail checkpoint measured linear 0.860, LoRA 0.942, AdaptFormer 0.942,
+VPT-deep 0.885.)
 """
 from __future__ import annotations
 
@@ -57,13 +60,13 @@ def task(one_thread):
 
 @pytest.fixture(scope="module")
 def linear_probe(task, tmp_path_factory) -> float:
-    """The linear probe at its best learning rate of {1e-2, 3e-2, 1e-1} (measured 0.860 at 1e-1)."""
+    """The linear probe at lr 1e-1 (the best of {1e-2, 3e-2, 1e-1} on the shamail checkpoint; measured 0.738)."""
     model = vk.adapt(pretrained(), "linear")
     return train(model, *task, lr=1e-1, epochs=EPOCHS, out_dir=tmp_path_factory.mktemp("linear"))
 
 
 def test_linear_probe_learns(linear_probe):
-    assert linear_probe >= 0.75, f"linear probe {linear_probe:.3f}, measured 0.860"
+    assert linear_probe >= 0.65, f"linear probe {linear_probe:.3f}, measured 0.738"
 
 
 @pytest.mark.parametrize("name,cfg,lr,reach_linear", CASES)
