@@ -45,7 +45,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _base_key(key: str) -> str:
+def base_key(key: str) -> str:
     """Key of a tensor in the base model: wrappers keep the wrapped layer as `base_layer` (PEFT convention)."""
     return key.replace(".base_layer.", ".")
 
@@ -58,7 +58,7 @@ def changed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
     state = model.state_dict()
     if hashes is None:
         return state, True
-    return {k: v for k, v in state.items() if hashes.get(_base_key(k)) != tensor_digest(v)}, False
+    return {k: v for k, v in state.items() if hashes.get(base_key(k)) != tensor_digest(v)}, False
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:

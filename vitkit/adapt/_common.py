@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from vitkit.io import base_key as base_name  # a parameter's name in the base model (PEFT's `base_layer`)
+
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
     """The classifier head of a timm ViT (`head`, plus `head_dist` on distilled DeiT)."""
@@ -38,11 +40,6 @@ def earlier_trainable(model: nn.Module) -> set[str]:
     if not any(get(a.name).kind == "adapt" for a in applied(model)):
         return set()
     return {base_name(n) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def base_name(name: str) -> str:
-    """A parameter's name in the base model: wrappers keep the wrapped layer as `base_layer` (PEFT convention)."""
-    return name.replace(".base_layer.", ".")
 
 
 def freeze_except(model: nn.Module, keep: set[str], train_head: bool = True) -> None:
