@@ -45,6 +45,15 @@ def take_tap(ctx: BlockContext, key: str, method: str) -> torch.Tensor:
                            "replaced or bypassed after the method was applied") from None
 
 
+def require_class_token(model: nn.Module, method: str) -> None:
+    """Refuse models without a class token: `method` scores tokens by class-token attention."""
+    from vitkit.models.layout import token_layout
+
+    if token_layout(model).cls_index is None:
+        raise NotImplementedError(f"{method}: needs a class token (it scores tokens by class-token attention); "
+                                  "this model has none: use `tome` instead")
+
+
 def refuse_second(model: nn.Module, method: str) -> None:
     """Two token-reduction methods on one model would fight over the token state: refuse clearly."""
     others = [o for o in get_runner(model).owners() if o in TOKEN_METHODS]

@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from vitkit.models.layout import token_layout
 from vitkit.models.runner import BlockContext, get_runner
 from vitkit.registry import register
 
@@ -105,9 +104,7 @@ def _sample(x: torch.Tensor, ctx: BlockContext, num_samples: int) -> Optional[to
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     runner = get_runner(model)
-    if token_layout(model).cls_index is None:
-        raise NotImplementedError(f"{NAME}: needs a class token (it scores tokens by class-token attention); "
-                                  "this model has none: use `tome` instead")
+    _common.require_class_token(model, NAME)
     _common.refuse_second(model, NAME)
     blocks = ats_blocks(model, cfg)
     if not blocks:

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from vitkit.models.runner import BlockContext, get_runner
-from vitkit.models.layout import token_layout
 from vitkit.registry import register
 
 from . import _common
@@ -90,9 +89,7 @@ def _reduce(x: torch.Tensor, ctx: BlockContext, keep_rate: float, fuse: bool) ->
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     runner = get_runner(model)
-    if token_layout(model).cls_index is None:
-        raise NotImplementedError(f"{NAME}: needs a class token (it ranks tokens by class-token attention); "
-                                  "this model has none: use `tome` instead")
+    _common.require_class_token(model, NAME)
     _common.refuse_second(model, NAME)
     blocks = drop_blocks(model, cfg)
     if cfg.keep_rate >= 1.0 or not blocks:
