@@ -33,7 +33,8 @@ def test_explain_writes_png_and_npy(method, image, tmp_path, capsys):
 
 def test_segment_writes_png_and_npy(image, tmp_path, capsys):
     out = tmp_path / "seg.png"
-    assert main(["segment", str(image), *TINY, "--point", "59,0", "--out", str(out)]) == 0
+    # the 60x40 image is resized to 48x32 and its centre 32x32 kept (the data transform): x in [10, 50) is seen
+    assert main(["segment", str(image), *TINY, "--point", "49,0", "--out", str(out)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["patch"] == [0, 7]
     assert np.load(out.with_suffix(".npy")).shape == (32, 32) and out.exists()

@@ -56,12 +56,18 @@ def test_click_mapping_through_resize_and_prefix_tokens():
     def one_hot(x):
         return torch.eye(64).reshape(1, 64, 8, 8)  # feature of patch j = e_j
 
+    # vk.segment sees the image through vk.data.transform(model): torchvision's Resize(32) scales the short side
+    # to 32 (100x60 -> int(32 * 100 / 60) = 53 x 32), CenterCrop(32) keeps columns round((53 - 32) / 2) = 10..41.
+    # (30, 20) -> (30 * 53 / 100 - 10, 20 * 32 / 60) = (5.9, 10.7) px -> patch (2, 1)
     seg = vk.segment(model, image, point=(30, 20), threshold=0.5, features=one_hot)
-    assert seg.patch == (2, 2) and seg.patch_similarity.argmax() == 2 * 8 + 2
+    assert seg.patch == (2, 1) and seg.patch_similarity.argmax() == 2 * 8 + 1
+    assert seg.point == pytest.approx((30 * 53 / 100 - 10, 20 * 32 / 60))
     real = vk.segment(model, image, point=(30, 20))
-    assert real.patch_similarity[2, 2] == pytest.approx(1.0, abs=1e-5), "the prompt patch is itself (P > 1)"
+    assert real.patch_similarity[2, 1] == pytest.approx(1.0, abs=1e-5), "the prompt patch is itself (P > 1)"
     with pytest.raises(ValueError, match="outside"):
         vk.segment(model, image, point=(100, 5))
+    with pytest.raises(ValueError, match="crops away"):  # x = 5 -> 2.65 - 10 < 0: cut by the centre crop
+        vk.segment(model, image, point=(5, 5))
 
 
 def test_overlap_scores_extremes():

@@ -8,10 +8,10 @@
     digits = vk.data.digits()                                      # scikit-learn, 8x8 grey: resized, expanded
 """
 from .datasets import (DATASETS, ArrayDataset, CorruptImageError, ImageFolder, Subset, VisionDataset, arrays,
-                       cifar10_jpeg, digits, get, image_folder)
+                       cifar10_jpeg, digits, get, image_folder, read_image)
 from .splits import few_shot, split
-from .transforms import Prepare, data_config, transform
+from .transforms import Prepare, data_config, map_point, transform
 
 __all__ = ["ArrayDataset", "CorruptImageError", "ImageFolder", "Subset", "VisionDataset", "DATASETS", "arrays",
-           "cifar10_jpeg", "digits", "get", "image_folder", "few_shot", "split", "Prepare", "data_config",
-           "transform"]
+           "cifar10_jpeg", "digits", "get", "image_folder", "read_image", "few_shot", "split", "Prepare",
+           "data_config", "map_point", "transform"]

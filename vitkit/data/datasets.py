@@ -25,7 +25,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 class CorruptImageError(ValueError):
-    """An image file could not be decoded; the message names the file."""
+    """An image file could not be decoded; the message names the file and what to do.
+
+    torch's DataLoader re-raises an error of a worker process as `CorruptImageError(<the worker's traceback>)`;
+    the message is cut back to its last line here, so the error stays one line naming the file.
+    """
+
+    def __init__(self, message: str = ""):
+        message = str(message)
+        if "\nOriginal Traceback" in message:  # a DataLoader worker's re-raise
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if last.startswith(("CorruptImageError", "vitkit.")) else last
+        super().__init__(message)
 
 
 class VisionDataset(torch.utils.data.Dataset):
@@ -55,13 +66,32 @@ class VisionDataset(torch.utils.data.Dataset):
         return other
 
 
-def _read_image(path: Path) -> Image.Image:
+def read_image(path: str | os.PathLike, hint: str = "replace or remove the file") -> Image.Image:
+    """Decode the image file `path` fully (PIL decodes lazily: a truncated file would fail later, elsewhere).
+
+    Raises `FileNotFoundError` for a missing file and `CorruptImageError` (a `ValueError`) naming the file, why
+    it cannot be read and `hint`, for a truncated file or one that is not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist" if not path.exists() else
+                                f"{path} is not an image file (a folder?)")
     try:
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    except UnidentifiedImageError:
+        why = "not an image PIL can decode"
+    except (OSError, SyntaxError, ValueError) as err:
+        why = f"truncated or corrupt ({type(err).__name__}: {err})"
+    raise CorruptImageError(f"cannot read image {path}: {why}; {hint}")
+
+
+_FOLDER_HINT = "replace or remove the file, or load the folder with skip_bad=True (CLI: --skip-bad) to drop it"
+
+
+def _read_image(path: Path) -> Image.Image:
+    return read_image(path, _FOLDER_HINT)
 
 
 class ImageFolder(VisionDataset):

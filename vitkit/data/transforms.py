@@ -9,6 +9,10 @@ Two things are made explicit, and logged the first time they happen, because the
 Models without a `pretrained_cfg` (random init, local files, vitkit's embedded model), or whose input size is not
 the one their `pretrained_cfg` describes, get `crop_pct=1.0`: the whole image is kept, which is what
 small-image checkpoints are trained with.
+
+This is the one preprocessing source of vitkit: training, evaluation, bench and `vk.explain` / `vk.segment`
+(`vitkit.explain.image.prepare`) all build their input through `transform(model)`; `map_point` follows a pixel
+through the same resize and crop.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ def data_config(model: nn.Module, **overrides: Any) -> dict:
 
     cfg = dict(resolve_model_data_config(model))
     patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
+    img_size = getattr(patch_embed, "img_size", None)  # the default size also of a `dynamic_img_size` model
+    if img_size is not None:
         chans = next(m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels  # SSF may wrap proj
         size = (chans, *img_size)
         if tuple(cfg["input_size"]) != size:  # the pretrained_cfg describes another input size: ignore its crop
@@ -65,6 +69,10 @@ class Prepare:
             self._say(f"mode{image.mode}", "images are %s (%d channel(s)): converted to %s for the model",
                       image.mode, len(image.getbands()), self.mode)
             image = image.convert(self.mode)
+        return self.resize(image)
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """The size step alone: `image` resized up to `size` when it is smaller in either dimension."""
         w, h = image.size
         if h < self.size[0] or w < self.size[1]:
             self._say(f"size{w}x{h}", "images are %dx%d, smaller than the model input %dx%d: resized up",
@@ -94,3 +102,48 @@ def transform(model: nn.Module, train: bool = False, **overrides: Any) -> Callab
     channels, h, w = cfg["input_size"]
     timm_tf = create_transform(**cfg, is_training=train, **extra)
     return T.Compose([Prepare((h, w), channels, cfg["interpolation"]), timm_tf])
+
+
+def _steps(tf: Callable) -> list:
+    """The steps of a (nested) torchvision `Compose`, flattened."""
+    inner = getattr(tf, "transforms", None)
+    return [step for t in inner for step in _steps(t)] if isinstance(inner, (list, tuple)) else [tf]
+
+
+def map_point(tf: Callable, point: tuple[float, float], image_size: tuple[int, int]) -> tuple[float, float]:
+    """Pixel `point` (x, y) of an image of `image_size` (W, H) -> (x, y) in the tensor `tf` makes of it.
+
+    `tf` is an evaluation `transform(model)`: `Prepare`, resizes (timm's `Resize` of the short side,
+    `ResizeKeepRatio`) and a centre crop (with padding when the crop is larger), then tensor steps, which do not
+    move pixels. Continuous coordinates: (0, 0) is the top-left corner, pixel centres lie at +0.5. The result
+    may lie outside the tensor when the crop cut that part of the image away.
+    """
+    from torchvision import transforms as T
+
+    from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+
+    x, y = float(point[0]), float(point[1])
+    image = Image.new("L", tuple(int(v) for v in image_size))
+    for step in _steps(tf):
+        if isinstance(step, (T.ToTensor, T.PILToTensor)) or type(step).__name__ in ("MaybeToTensor", "ToNumpy"):
+            break  # the tensor steps (normalisation) leave the geometry alone
+        w, h = image.size
+        if isinstance(step, Prepare):
+            image = step.resize(image)
+        elif isinstance(step, (T.Resize, ResizeKeepRatio)):
+            image = step(image)
+        elif isinstance(step, (T.CenterCrop, CenterCropOrPad)):
+            image = step(image)
+            cw, ch = image.size
+            x += (cw - w) // 2 if cw > w else -int(round((w - cw) / 2.0))
+            y += (ch - h) // 2 if ch > h else -int(round((h - ch) / 2.0))
+            continue
+        else:
+            before = image.size
+            image = step(image)
+            if image.size != before:
+                raise NotImplementedError(f"map_point: transform step {step!r} changes the image size in a way "
+                                          "map_point does not follow; use an evaluation `transform(model)`")
+            continue
+        x, y = x * image.size[0] / w, y * image.size[1] / h
+    return x, y

@@ -156,8 +156,9 @@ class LayerAttention:
             keep = (self.source >= 0).to(v.dtype).view(v.shape[0], *([1] * (v.ndim - 2)), -1)
             v = v.gather(-1, idx.expand(*v.shape[:-1], gh * gw)) * keep
         if v.shape[-1] != gh * gw:
-            raise ValueError(f"attention: block {self.index} has {v.shape[-1]} patch tokens for a {gh}x{gw} grid "
-                             "and no source map; the token-reduction method must keep `TokenState.source`")
+            raise ValueError(f"attention: block {self.index} has {v.shape[-1]} tokens for the {gh}x{gw} patches and "
+                             "no source map says which patches each stands for (tome with unmerge=False keeps "
+                             "none): there is no per-patch map; apply tome with unmerge=True (the default)")
         return v.reshape(*v.shape[:-1], gh, gw)
 
     def patch_map(self, query: Query = "cls", head: HeadReduce = "mean") -> torch.Tensor:

@@ -57,8 +57,11 @@ class TokenReshape:
             patches = patches.gather(1, rel.clamp_min(0).unsqueeze(-1).expand(B, gh * gw, C))
             patches = patches * (rel >= 0).unsqueeze(-1).to(patches.dtype)
         if patches.shape[1] != gh * gw:
-            raise ValueError(f"gradcam: {patches.shape[1]} patch tokens do not fill the {gh}x{gw} grid "
-                             "(token reduction without a source map?)")
+            raise NotImplementedError(
+                f"gradcam: {patches.shape[1]} tokens for the {gh}x{gw} = {gh * gw} patches and no source map says "
+                "which patches each token stands for: the token reduction was applied without keeping it (tome "
+                "with unmerge=False), so there is no per-patch map. Apply it with the source map kept (tome: "
+                "unmerge=True, the default) to explain the model")
         return patches.reshape(B, gh, gw, C).permute(0, 3, 1, 2)
 
 
@@ -80,9 +83,17 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: Union[None, int, Sequence
 
     module = target_module if target_module is not None else model.blocks[layer].norm1
     reshape = TokenReshape(model)
+    x = x.detach()  # the library sets requires_grad on its input: not on the caller's tensor
     reshape.set_input(x)
     was_training = model.training
+    # The library's backward (after its model.zero_grad()) writes parameter gradients: the caller's accumulated
+    # `.grad` tensors are set aside (not cloned: backward would add into them in place) and put back after.
+    params = list(model.parameters())
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
     handle = module.register_forward_pre_hook(reshape.snapshot)
+    raw = None
     try:
         with torch.enable_grad(), GradCAM(model=model, target_layers=[module], reshape_transform=reshape) as cam:
             if target is None:
@@ -99,7 +110,10 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: Union[None, int, Sequence
     finally:
         handle.remove()
         model.train(was_training)
-        for p in model.parameters():  # the library's backward leaves parameter gradients behind
-            p.grad = None
+        for p, g in zip(params, saved):
+            p.grad = g
+    if raw is None:  # pytorch-grad-cam's context manager swallows (prints) an IndexError from inside
+        raise ValueError(f"gradcam: the CAM was not computed (target {target!r}, model output "
+                         f"{getattr(model, 'num_classes', '?')} classes); pass a class index of this model")
     patch_map = torch.from_numpy(np.maximum(raw, 0)).float()
     return patch_map, torch.from_numpy(heat).float(), [int(i) for i in ids]

@@ -13,54 +13,92 @@ from PIL import Image
 from vitkit.models.layout import token_layout
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # kept for imports; the statistics used come from `vk.data.data_config`
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _overrides(model: nn.Module, size=None, mean=None, std=None) -> dict:
+    """`vk.data.data_config` overrides for an explicit input `size` (H, W or int) and `mean` / `std`."""
+    from vitkit.data.transforms import data_config
+
+    out = {}
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        token_layout(model).grid((h, w))  # clear error on sizes the model cannot take
+        out["input_size"] = (data_config(model)["input_size"][0], h, w)
+    if mean is not None:
+        out["mean"] = tuple(mean)
+    if std is not None:
+        out["std"] = tuple(std)
+    return out
+
+
 def norm_stats(model: nn.Module, mean=None, std=None) -> tuple[tuple, tuple]:
-    """Normalisation of `model`: the given values, else its `pretrained_cfg`, else ImageNet's."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(std) if std is not None else tuple(cfg.get("std", IMAGENET_STD))
-    return mean, std
+    """Normalisation of `model`: the given values, else `vk.data.data_config(model)`'s (the model's recorded
+    statistics: embedded models, `vk.load(..., mean=, std=)`, `pretrained_cfg`; ImageNet's only as timm's
+    default)."""
+    from vitkit.data.transforms import data_config
+
+    cfg = data_config(model, **_overrides(model, mean=mean, std=std))
+    return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
-def to_pil(image: ImageLike) -> Image.Image:
-    """A path, PIL image or HxWx3 uint8/float array as an RGB PIL image."""
+def model_transform(model: nn.Module, size=None, mean=None, std=None):
+    """The evaluation transform `vk.data.transform(model)`, with `size` / `mean` / `std` overriding its config:
+    the same resize, crop and normalisation as training and evaluation."""
+    from vitkit.data.transforms import transform
+
+    return transform(model, **_overrides(model, size, mean, std))
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """A path, PIL image or HxW[x3] uint8/float array as a PIL image, its mode left as it is (the model's
+    transform converts it, as it does for datasets). A file that cannot be decoded raises `CorruptImageError`
+    naming it, a missing one `FileNotFoundError`."""
     if isinstance(image, (str, os.PathLike)):
-        return Image.open(image).convert("RGB")
+        from vitkit.data.datasets import read_image
+
+        return read_image(image)
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return image
     if isinstance(image, np.ndarray):
         arr = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
         if arr.ndim == 2:
             arr = np.stack([arr] * 3, -1)
-        return Image.fromarray(arr).convert("RGB")
+        return Image.fromarray(arr)
     raise TypeError(f"expected a path, PIL image or numpy array, got {type(image).__name__}")
+
+
+def to_pil(image: ImageLike) -> Image.Image:
+    """A path, PIL image or HxWx3 uint8/float array as an RGB PIL image."""
+    return load_image(image).convert("RGB")
+
+
+def shown_image(x: torch.Tensor, mean, std) -> Image.Image:
+    """The RGB image a normalised (1, C, H, W) input shows: the normalisation undone (exact: the transform's
+    values are k/255)."""
+    t = x[0].detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    arr = (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert("RGB")
 
 
 def prepare(model: nn.Module, image: ImageLike, size: Union[None, int, Sequence[int]] = None, mean=None,
             std=None) -> tuple[torch.Tensor, Optional[Image.Image]]:
-    """(1, 3, H, W) normalised input and the resized RGB image it shows (None when a tensor was given).
+    """(1, C, H, W) normalised input and the RGB image it shows (None when a tensor was given).
 
-    A tensor is taken as already normalised, (C, H, W) or (B, C, H, W). Other images are resized (bilinear) to
-    `size` (default: the model's input size), scaled to [0, 1] and normalised with `norm_stats`.
+    A tensor is taken as already normalised, (C, H, W) or (B, C, H, W). Other images go through
+    `vk.data.transform(model)` (`model_transform`): the resize, centre crop and normalisation the model is
+    trained and evaluated with, at `size` (default the model's input size) and with `mean` / `std` (default
+    `vk.data.data_config(model)`'s).
     """
     if isinstance(image, torch.Tensor):
         x = image if image.ndim == 4 else image.unsqueeze(0)
         return x, None
-    layout = token_layout(model)
-    if size is None:
-        h, w = layout.img_size
-    else:
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-    layout.grid((h, w))  # clear error on sizes the model cannot take
-    pil = to_pil(image).resize((w, h), Image.BILINEAR)
-    mean, std = norm_stats(model, mean, std)
-    x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    tf = model_transform(model, size, mean, std)
+    x = tf(load_image(image)).unsqueeze(0)
+    pil = shown_image(x, *norm_stats(model, mean, std))
     param = next(model.parameters())
-    return x.unsqueeze(0).to(param.device, param.dtype), pil
+    return x.to(param.device, param.dtype), pil
 
 
 def upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -102,6 +102,8 @@ def rollout_map(maps, head_fusion: str = "mean", discard_ratio: float = 0.0, leg
     """
     layers = [maps[i] for i in sorted(maps)]
     first = layers[0]
+    for la in layers:
+        require_patch_map(la, "rollout" if grads is None else "grad_rollout")
     fused = [la.attn if grads is None else la.attn * grads[la.index].clamp_min(0) for la in layers]
     full = [_expand(la, rollout_algo.fuse_heads(a, head_fusion)) for la, a in zip(layers, fused)]
     if len({a.shape[-1] for a in full}) != 1:
@@ -145,6 +147,8 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
     """
     if method not in METHODS:
         raise ValueError(f"explain: unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("gradcam", "grad_rollout"):
+        check_target(model, target, method)
     x, pil = prepare(model, image, size=size, mean=mean, std=std)
     H, W = x.shape[-2:]
     was_training = model.training
@@ -153,8 +157,9 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         if method == "gradcam":
             patch_map, heat, ids = _gradcam(model, x, target, layer)
             return Explanation(method, heat, patch_map, ids, pil)
-        if target is not None:
-            _log.info("explain: `target` is ignored by the class-agnostic method %r", method)
+        if target is not None and method in ("attention", "rollout"):
+            _log.info("explain: `target` is ignored by the class-agnostic method %r (gradcam and grad_rollout "
+                      "use it)", method)
         if method == "attention":
             maps = attention(model, x, layers=[layer])
             patch_map = select(maps, layer).patch_map(query=query, head=head)
@@ -170,6 +175,35 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         model.train(was_training)
     heat = normalise_max(upsample(patch_map, (H, W)).clamp_min(0))
     return Explanation(method, heat, patch_map, None, pil, maps.output)
+
+
+def check_target(model: nn.Module, target, method: str) -> None:
+    """A `ValueError` naming the value and the valid range unless `target` is None or class indices of `model`."""
+    if target is None:
+        return
+    ids = [target] if isinstance(target, (int, np.integer)) or (
+        isinstance(target, torch.Tensor) and target.ndim == 0) else list(target)
+    n = getattr(model, "num_classes", None)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer, torch.Tensor)) or int(t) != t:
+            raise ValueError(f"explain: `target` must be a class index (int), got {t!r} ({method})")
+        if int(t) < 0 or (isinstance(n, int) and n > 0 and int(t) >= n):
+            raise ValueError(f"explain: `target` {int(t)} is not a class of this model (it has "
+                             f"{n} classes: 0..{n - 1}); pass a class index in that range or leave it unset to "
+                             f"explain the prediction ({method})")
+
+
+def require_patch_map(la: LayerAttention, method: str) -> None:
+    """Refuse, with the reason, a block whose tokens cannot be put back on the patch grid: token reduction that
+    merged or dropped tokens without keeping the source map (ToMe with `unmerge=False`)."""
+    gh, gw = la.grid
+    tokens = la.attn.shape[-1] - la.num_prefix_tokens
+    if la.source is None and tokens != gh * gw:
+        raise NotImplementedError(
+            f"{method}: block {la.index} holds {tokens} tokens for the {gh}x{gw} = {gh * gw} patches and no "
+            "source map says which patches each token stands for: the token reduction was applied without "
+            "keeping it (tome with unmerge=False), so there is no per-patch map. Apply it with the source map "
+            "kept (tome: unmerge=True, the default) to explain the model")
 
 
 def attention_gradients(model: nn.Module, x: torch.Tensor, target=None):

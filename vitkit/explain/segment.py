@@ -27,7 +27,7 @@ from PIL import Image
 
 from vitkit.models.layout import token_layout
 
-from .image import ImageLike, mask_overlay, prepare, to_pil, upsample
+from .image import ImageLike, load_image, mask_overlay, model_transform, prepare, upsample
 
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -122,29 +122,43 @@ def segment(model: nn.Module, image: Union[ImageLike, torch.Tensor], point: tupl
 
     Args:
         model: a timm VisionTransformer.
-        image: path, PIL image or array (resized to `size`, default the model's input size), or a normalised
-            tensor (C, H, W) / (1, C, H, W).
-        point: (x, y) in pixels of the image as given (mapped through the resize to a patch).
+        image: path, PIL image or array (through `vk.data.transform(model)`: the training resize and centre
+            crop at `size`, default the model's input size, normalised with `mean` / `std`, default the model's
+            data config), or a normalised tensor (C, H, W) / (1, C, H, W).
+        point: (x, y) in pixels of the image as given (mapped through the resize and crop to a patch; a point
+            the crop cuts away raises `ValueError`).
         layer: block whose final-normed patch tokens are compared.
         threshold: mask = similarity >= threshold; Otsu's threshold of the map when None.
         features: optional `x -> (B, C, gh, gw)` replacing the model's patch tokens.
     """
-    x, pil = prepare(model, image, size=size, mean=mean, std=std)
+    if isinstance(image, torch.Tensor):
+        x, pil = prepare(model, image)
+        orig = (x.shape[-1], x.shape[-2])
+        point_in = (float(point[0]), float(point[1]))
+    else:
+        raw = load_image(image)
+        tf = model_transform(model, size, mean, std)
+        x, pil = prepare(model, raw, size=size, mean=mean, std=std)
+        orig = raw.size
+        from vitkit.data.transforms import map_point
+
+        point_in = map_point(tf, point, orig)
     if x.shape[0] != 1:
         raise ValueError(f"segment: one image at a time, got a batch of {x.shape[0]}")
     H, W = x.shape[-2:]
-    if isinstance(image, torch.Tensor):
-        orig = (W, H)
-    else:
-        orig = to_pil(image).size
-    layout = token_layout(model)
-    r, c = click_to_patch(point, orig, (H, W), layout.patch_size)
+    if not (0 <= point[0] < orig[0] and 0 <= point[1] < orig[1]):
+        raise ValueError(f"segment: `point` {tuple(point)} lies outside the {orig[0]}x{orig[1]} image")
+    if not (0 <= point_in[0] < W and 0 <= point_in[1] < H):
+        raise ValueError(f"segment: `point` {tuple(point)} lies in the part of the {orig[0]}x{orig[1]} image that "
+                         f"the model's transform crops away (it resizes the short side and keeps the centre "
+                         f"{W}x{H}, as in training); click inside the centre, or pass a tensor / a cropped image")
+    ph, pw = token_layout(model).patch_size
+    r, c = int(point_in[1] // ph), int(point_in[0] // pw)
     feats = features(x) if features is not None else patch_features(model, x, layer)
     gh, gw = feats.shape[-2:]
     sim = similarity(feats, r * gw + c)
     full = upsample(sim, (H, W))[0].cpu().numpy()
     tau = otsu(full) if threshold is None else float(threshold)
-    point_in = (point[0] * W / orig[0], point[1] * H / orig[1])
     return Segmentation(full >= tau, full, sim[0].cpu().numpy(), tau, (r, c), point_in, pil)
 
 
