@@ -33,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_size, metavar="H[xW]",
                    help="model input size (default the model's; other sizes need --model-arg dynamic_img_size=true)")
     p.add_argument("--mean", type=_floats, metavar="M[,M,M]",
-                   help="normalisation mean (default pretrained_cfg/ImageNet)")
+                   help="normalisation mean (default: the model's data config, as vk.data.transform)")
     p.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
     p.add_argument("--layer", type=int, default=-1, help="block index (negative from the end)")
     p.add_argument("--display", type=int, default=256, metavar="PX",

@@ -128,13 +128,15 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
 
     Args:
         model: a timm VisionTransformer (adapters / token reduction applied or not); fused attention stays on.
-        image: a path, PIL image or array (resized to `size` and normalised with `mean`/`std`, default the
-            model's `pretrained_cfg` or ImageNet's), or a normalised tensor (C, H, W) / (B, C, H, W).
+        image: a path, PIL image or array (through `vk.data.transform(model)`, the training/evaluation resize,
+            centre crop and normalisation; `size`, `mean`, `std` override its data config), or a normalised
+            tensor (C, H, W) / (B, C, H, W).
         method: 'attention' (one layer's attention from `query` to the patches, heads fused by `head`),
             'rollout' (Abnar & Zuidema 2020; `head_fusion`, `discard_ratio`), 'grad_rollout' (each layer's
             attention weighted by the positive part of ∂y_target/∂A before the head fusion) or 'gradcam'
             (pytorch-grad-cam on `blocks[layer].norm1`).
-        target: class index (gradcam, grad_rollout); default the prediction.
+        target: class index (gradcam, grad_rollout; `ValueError` outside 0..num_classes-1); default the
+            prediction. Ignored (and logged) by the class-agnostic 'attention' and 'rollout'.
         layer: block for 'attention' and 'gradcam'.
         head: 'mean', 'max', 'min' or a head index ('attention').
         query: 'cls' (falls back to the mean of patch queries without a class token), 'mean', or see
