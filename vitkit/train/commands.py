@@ -96,12 +96,6 @@ def _run_train(args: argparse.Namespace) -> None:
     val = val.with_transform(data.transform(model)) if val is not None and args.val_part != args.train_part else None
     out = Path(args.out)
     export_path = export_target(args.export, out, args.replace_embedded) if args.export else None  # before training
-    hp = default_hparams(model)
-    lr = args.lr if args.lr is not None else hp["lr"]
-    lr_from = "--lr" if args.lr is not None else hp["source"]
-    print(f"lr {lr:g} ({lr_from}), weight decay "
-          f"{args.weight_decay if args.weight_decay is not None else hp['weight_decay']:g} "
-          f"({'--weight-decay' if args.weight_decay is not None else hp['source']})", flush=True)
     try:
         result = vk.fit(model, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
@@ -109,8 +103,9 @@ def _run_train(args: argparse.Namespace) -> None:
                         seed=args.seed, out_dir=out, resume=args.resume, num_workers=args.workers,
                         progress=not args.no_progress)
     except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"{err}; with the command line: --lr {lr:g} is {lr_from}, try "
-                                          f"--lr {lr / 10:g}") from None
+        lr = args.lr if args.lr is not None else default_hparams(model)["lr"]
+        raise NonFiniteLossError(f"{err} (vitkit train: lr {lr:g}" + (" from --lr" if args.lr is not None else "")
+                                 + f"; e.g. --lr {lr / 10:g})") from None
     if export_path is not None:
         export(model, export_path, dtype=args.export_dtype)
         print(f"exported weights: {export_path}")
