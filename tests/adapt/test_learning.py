@@ -7,7 +7,23 @@ fresh seeded 10-class head; AdamW, batch 50, cosine without warmup, 3 epochs (48
 (deterministic). The spec's margins (shared/methods/adapt.md): LoRA >= linear + 0.10, VPT-deep >= linear + 0.05,
 BitFit and SSF >= linear.
 
-MEASURED_TABLE
+Measured (timm 1.0.31, torch 2.14.1 CPU, one thread; initial held-out accuracy 0.10-0.12 for every method):
+
+| method | its lr (wd) | held-out acc, 3 epochs | margin over linear | spec |
+|---|---|---|---|---|
+| linear probe | 1e-3 (1e-4) | 0.320 | | |
+| lora q,v r=8 | 1e-3 (1e-4) | 0.543 | +0.223 | +0.10 |
+| vpt-deep n=10 | 1e-3 (1e-4) | 0.375 | +0.055 | +0.05 |
+| bitfit | 1e-3 (1e-4) | 0.410 | +0.090 | >= 0 |
+| ssf | 1e-2 (5e-5) | 0.808 | +0.488 | >= 0 |
+| adaptformer d=64 | 1e-3 (1e-4) | 0.420 | +0.100 | >= 0 |
+| vpt n=4 (shallow) | 1e-3 (1e-4) | 0.360 | +0.040 | >= 0 |
+
+Every spec margin is reached; VPT-deep's by 0.005 (2 of 400 images): the runs are seeded and single-threaded, so
+deterministic on one platform, but that margin is the first to move with another torch build. The accuracies
+are far below the papers' because the recipes' lr 1e-3 is meant for ~1,600 steps (100 epochs) and gets 48 here:
+zero-initialised adapters barely leave the identity (at a tuned lr 1e-2, LoRA reached 0.897 on this task),
+and SSF, whose recipe uses 1e-2, learns fastest. Each method must also gain 0.15 over its initial accuracy.
 """
 from __future__ import annotations
 
