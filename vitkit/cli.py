@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Pretrained Vision Transformers: adapt, accelerate, "
                                      "compress, explain, benchmark.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
-    parser.add_argument("--debug", action="store_true", help=f"show the full traceback of an error (or set "
-                        f"{DEBUG_ENV}=1); without it an error is one line")
+    parser.add_argument("--debug", action="store_true", help=f"show the full traceback of an error, anywhere on the "
+                        f"line (or set {DEBUG_ENV}=1); without it an error is one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters, FLOPs, token layout and methods of a model")
@@ -150,12 +150,14 @@ def report_error(command: str, err: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, also after the sub-command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the command line prints errors, never tracebacks
-        if args.verbose or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if args.verbose or debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         return report_error(args.command, err)
     return 0

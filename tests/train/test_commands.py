@@ -97,6 +97,8 @@ def test_an_unexpected_exception_is_one_line_unless_debug(monkeypatch, capsys):
     assert "internal error: KeyError" in line and "--debug" in line, line
     with pytest.raises(KeyError):
         main(["--debug", "train", *FULL_TINY])
+    with pytest.raises(KeyError):
+        main(["train", *FULL_TINY, "--debug"])
     monkeypatch.setenv("VITKIT_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["train", *FULL_TINY])

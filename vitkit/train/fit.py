@@ -5,7 +5,8 @@
         ->  validate  ->  checkpoint last (+ best), metrics to JSONL/CSV
 
 Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); nothing here
-knows any method. Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
+knows any method. The learning rate and weight decay default to the applied methods' own (`default_hparams`:
+each adaptation method's Config states its paper's / the PETL benchmarks' values). Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
 model in DDP; each process reads its own shard of the epoch's order). Mixed precision (bf16) only on CUDA.
 
 Exact resume: a checkpoint holds the trained tensors, the optimizer, the schedule's step, the RNG states and
