@@ -9,4 +9,6 @@ fi
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 quiet .venv/bin/python -m pip install -q --upgrade pip
 quiet .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
-quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,ray]"
+# setuptools warns on every editable install ("Please be careful with folders in your working directory with the
+# same name as your package"): vitkit/ is that folder, on purpose. Silence that one warning (by its message) only.
+PYTHONWARNINGS="ignore:Editable installation" quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,ray]"

@@ -13,7 +13,7 @@ from conftest import make_variant
 def test_methods_lists_linear_and_full_with_kinds():
     by_name = {m.name: m for m in vk.methods()}
     assert by_name["linear"].kind == "adapt" and by_name["full"].kind == "adapt"
-    assert [f[0] for f in by_name["full"].fields()] == ["freeze_patch_embed"]
+    assert [f[0] for f in by_name["full"].fields()] == ["freeze_patch_embed", "lr", "weight_decay"]
 
 
 def test_unknown_method_names_closest():
@@ -74,7 +74,7 @@ def test_info_counts_and_vit_base_gmacs_match_timm():
     vk.adapt(model, "linear")
     info = vk.info(model)
     assert info.trainable_params == info.head_params == 768 * 1000 + 1000
-    assert "linear()" in str(info) and f"({100 * 769_000 / 86_567_656:.3f}%)" in str(info)
+    assert "linear(lr=0.001, weight_decay=0.0001)" in str(info) and f"({100 * 769_000 / 86_567_656:.3f}%)" in str(info)
 
 
 @pytest.mark.parametrize("name", ["vpt", "ssf"])

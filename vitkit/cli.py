@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands")
@@ -35,7 +36,7 @@ def parse_pairs(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.strip().replace("-", "_")] = parse_value(value)
     return out
@@ -89,7 +90,9 @@ def _run_methods(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Pretrained Vision Transformers: adapt, accelerate, "
                                      "compress, explain, benchmark.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    parser.add_argument("--debug", action="store_true", help=f"show the full traceback of an error, anywhere on the "
+                        f"line (or set {DEBUG_ENV}=1); without it an error is one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameters, FLOPs, token layout and methods of a model")
@@ -114,16 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "VITKIT_DEBUG"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a value, a file, a recipe, a diverging run): one line, exit status 2.
+
+    Anything else is a bug in vitkit: one line too (exit status 1) that says how to see the traceback.
+    """
+    import yaml
+
+    from vitkit.train.fit import NonFiniteLossError
+
+    return ValueError, TypeError, NotImplementedError, RuntimeError, OSError, yaml.YAMLError, NonFiniteLossError
+
+
+def report_error(command: str, err: BaseException) -> int:
+    """Print `err` as one line on stderr; return the exit status (2: bad input, 1: a bug, 130: interrupted)."""
+    if isinstance(err, KeyboardInterrupt):
+        print(f"vitkit {command}: interrupted; what finished is saved (run the same command with --resume where "
+              "the command has it, to continue)", file=sys.stderr)
+        return 130
+    message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+    if isinstance(err, user_errors()):
+        name = type(err).__name__
+        prefix = "" if name in ("ValueError", "TypeError", "RuntimeError", "OSError") else f"{name}: "
+        print(f"vitkit {command}: error: {prefix}{message}", file=sys.stderr)
+        return 2
+    print(f"vitkit {command}: internal error: {type(err).__name__}: {message} (a bug in vitkit; run with --debug "
+          f"or {DEBUG_ENV}=1 for the traceback and report it)", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, also after the sub-command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
-        if args.verbose:
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the command line prints errors, never tracebacks
+        if args.verbose or debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"vitkit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(args.command, err)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 sklearn `load_digits` (1,797 grey 8x8 images, offline), shuffled with a fixed seed, upsampled to 32x32 (bilinear),
 3 channels, mean = std = 0.5; 1,000 training and 500 held-out images. Training is `vk.fit` (AdamW, cosine, no
-warmup, batch 50); accuracy is top-1 on the held-out images.
+warmup, batch 50, each method's own lr and weight decay unless given); accuracy is top-1 on the held-out images.
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def accuracy(model, dataset) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def train(model, train_set, test_set, *, lr: float, epochs: int, out_dir, seed: int = 0) -> float:
-    """`vk.fit` for `epochs`, then held-out accuracy."""
-    vk.fit(model, train_set, epochs=epochs, lr=lr, batch_size=50, warmup_epochs=0, weight_decay=0.0, seed=seed,
-           out_dir=out_dir, progress=False, save_model=False)
+def train(model, train_set, test_set, *, epochs: int, out_dir, lr: float | None = None,
+          weight_decay: float | None = None, seed: int = 0) -> float:
+    """`vk.fit` for `epochs`, then held-out accuracy; lr / weight decay None: the method's own (its Config)."""
+    vk.fit(model, train_set, epochs=epochs, lr=lr, batch_size=50, warmup_epochs=0, weight_decay=weight_decay,
+           seed=seed, out_dir=out_dir, progress=False, save_model=False)
     return accuracy(model, test_set)

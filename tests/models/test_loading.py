@@ -168,7 +168,7 @@ def test_save_writes_only_changed_tensors_and_refuses_another_base(tmp_path):
     out = vk.save(model, tmp_path / "run")
     manifest = json.loads((out / "vitkit.json").read_text())
     assert manifest["tensors"] == ["head.weight"] and manifest["weights"] == "changed"
-    assert manifest["base"]["sha256"] and manifest["methods"] == [{"name": "linear", "config": {}}]
+    assert manifest["base"]["sha256"] and manifest["methods"] == [{"name": "linear", "config": {"lr": 1e-3, "weight_decay": 1e-4}}]
     _same_outputs(vk.load(out), model)
     other = tmp_path / "other.safetensors"
     save_file(make_variant("plain", seed=1).state_dict(), str(other))

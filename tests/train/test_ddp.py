@@ -36,3 +36,24 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     worst = max((two["state"][k] - one["state"][k]).abs().max().item() for k in one["state"])
     assert worst < 1e-4, f"2-process weights differ from 1-process weights by {worst}"
     assert abs(two["history"][-1]["val_loss"] - one["history"][-1]["val_loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    # issue 12.6: rank 1's loss turns NaN at its second batch; rank 0's stays finite. Without agreement, rank 0
+    # would enter the gradient all-reduce alone and hang (or be killed by the launcher without a message).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = tmp_path / "nan"
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(SCRIPT), str(out), "4", "nan"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"the ranks hung after one rank's NaN loss: {str(err.stderr)[-2000:]}") from None
+    assert done.returncode != 0
+    stopped = {p.name: p.read_text() for p in out.glob("stopped-*.txt")}
+    assert set(stopped) == {"stopped-0.txt", "stopped-1.txt"}, (stopped, done.stderr[-3000:])
+    assert "on this process (rank 1)" in stopped["stopped-1.txt"], stopped
+    assert "rank 0 stops too" in stopped["stopped-0.txt"], stopped
+    assert "at step 2 (epoch 1, batch 2)" in stopped["stopped-0.txt"], stopped

@@ -50,3 +50,20 @@ def test_demo_cli_help():
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args([command, "--help"])
         assert exit_.value.code == 0
+
+
+def test_demo_table_with_an_error_row_fits_80_columns(monkeypatch, capsys):
+    from vitkit.train.demo import print_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    ok = {"status": "ok", "accuracy": 0.8771, "lr": 1e-3, "trainable_params": 811_146, "adapter_bytes": 3_254_784,
+          "train_time_s": 11.5, "inference_img_per_s": 1166.0}
+    rows = [{"method": "adaptformer", **ok}, {"method": "linear", **ok, "accuracy": 0.5},
+            {"method": "zz-broken", "status": "error", "error": "RuntimeError: " + "a long reason " * 12}]
+    print_table({"model": "vitkit/vit-tiny-cifar", "total_time_s": 64.0, "rows": rows})
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80, out
+    table = [line for line in lines if line.startswith("│")]
+    assert "0.877" in table[0] and "811,146" in table[0] and "3178.5 KiB" in table[0] and "…" not in "".join(table), out
+    assert "zz-broken: RuntimeError: a long reason" in out  # the whole message, below the table

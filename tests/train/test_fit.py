@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 
 import vitkit as vk
 from tests.conftest import make_variant
-from vitkit.train.fit import NonFiniteLossError, epoch_order, lr_at
+from vitkit.train.fit import NonFiniteLossError, ResumeMismatchError, epoch_order, lr_at
 
 
 def digits_parts(model, n_train=5, n_val=3, train_aug=True):
@@ -97,3 +98,49 @@ def test_nothing_trainable_is_a_clear_error(tmp_path):
     train, _ = digits_parts(model)
     with pytest.raises(ValueError, match="no parameter requires grad"):
         vk.fit(model, train, epochs=1, out_dir=tmp_path, progress=False)
+
+
+def _budget_run(tmp, epochs, resume=False, **kw):
+    model = make_variant("plain", seed=5)
+    vk.adapt(model, kw.pop("method", "linear"))
+    train, _ = digits_parts(model, train_aug=False)
+    args = dict(epochs=epochs, lr=1e-2, batch_size=16, warmup_epochs=0, out_dir=tmp, resume=resume, progress=False,
+                save_model=False, seed=3)
+    vk.fit(model, train, **{**args, **kw})
+    return model
+
+
+def test_resume_false_starts_clean_and_a_changed_budget_is_not_resumed_silently(tmp_path):
+    # issue 12.2 / 12.3: a 2-epoch run re-run at 3 epochs must not silently continue the 2-epoch schedule
+    genuine = _budget_run(tmp_path / "fresh", 3).state_dict()
+    _budget_run(tmp_path / "run", 2)
+    with pytest.raises(ResumeMismatchError, match=r"epochs 2 -> 3.*resume=False.*resume='force'"):
+        _budget_run(tmp_path / "run", 3, resume=True)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 2  # refused: nothing changed
+    clean = _budget_run(tmp_path / "run", 3, resume=False).state_dict()
+    assert all(torch.equal(clean[k], genuine[k]) for k in genuine), "resume=False is not the genuine 3-epoch run"
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"batch_size": 8}, "batch_size 16 -> 8"),
+    ({"lr": 3e-2}, "lr 0.01 -> 0.03"),
+    ({"method": "bitfit"}, "methods"),
+    ({"seed": 4}, "seed 3 -> 4"),
+])
+def test_resume_with_changed_settings_is_refused_or_forced(change, expected, tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # interrupted after epoch 1 of 2
+        _budget_run(tmp_path, 2, on_epoch_end=_stop_after_1)
+    with pytest.raises(ResumeMismatchError, match=re.escape(expected)):
+        _budget_run(tmp_path, 2, resume=True, **change)
+    if "method" in change:  # other tensors: even forcing cannot load them
+        return
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        _budget_run(tmp_path, 2, resume="force", **change)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def _stop_after_1(metrics):
+    if metrics["epoch"] == 1:
+        raise KeyboardInterrupt

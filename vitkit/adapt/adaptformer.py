@@ -35,6 +35,12 @@ class Config:
     scale: float = field(default=0.1, metadata={"help": "fixed scale s of the adapter branch"})
     dropout: float = field(default=0.1, metadata={"help": "dropout between ReLU and the up-projection"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head too"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "vk.fit's learning rate unless one is given; from NOAH's VTAB-1k recipe for AdaptFormer (AdamW, batch"
+                " 64, 100 epochs; V-PETL Bench uses it too; shared/methods/bench.md §4); the paper's SGD lr 0.1 x "
+                "batch/256 does not carry over to AdamW"})
+    weight_decay: float = field(default=1e-4, metadata={
+        "help": "vk.fit's AdamW weight decay unless one is given; from the same recipe"})
 
     def __post_init__(self):
         if self.bottleneck < 1:

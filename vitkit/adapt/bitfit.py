@@ -27,6 +27,11 @@ from ._common import base_name, earlier_trainable, freeze_except, head_parameter
 class Config:
     norm_bias: bool = field(default=True, metadata={"help": "train LayerNorm biases too"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head too"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "vk.fit's learning rate unless one is given; from NOAH's VTAB-1k recipe for BitFit (AdamW, batch 64, "
+                "100 epochs; V-PETL Bench uses it too; shared/methods/bench.md §4)"})
+    weight_decay: float = field(default=1e-4, metadata={
+        "help": "vk.fit's AdamW weight decay unless one is given; from the same recipe (biases are never decayed)"})
 
 
 def bias_names(model: nn.Module, norm_bias: bool = True) -> set[str]:

@@ -5,7 +5,7 @@ Nothing is hand-written beyond setting `requires_grad`. Spec: ../shared/methods/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -16,7 +16,13 @@ from ._common import freeze
 
 @dataclass(frozen=True)
 class Config:
-    """Linear probing has nothing to configure."""
+    """Linear probing configures only its training defaults."""
+
+    lr: float = field(default=1e-3, metadata={
+        "help": "vk.fit's learning rate unless one is given; from NOAH's VTAB-1k recipe for the linear probe (AdamW, "
+                "batch 64, 100 epochs; V-PETL Bench uses it too; shared/methods/bench.md §4)"})
+    weight_decay: float = field(default=1e-4, metadata={
+        "help": "vk.fit's AdamW weight decay unless one is given; from the same recipe"})
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:

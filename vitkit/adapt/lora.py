@@ -62,6 +62,11 @@ class Config:
     tuner: Literal["lora", "loha", "lokr"] = field(default="lora", metadata={
         "help": "PEFT tuner for the PEFT targets: lora, loha (LoHa) or lokr (LoKr); q/k/v slices need lora"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head too"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "vk.fit's learning rate unless one is given; from NOAH's VTAB-1k recipe for LoRA (AdamW, batch 64, "
+                "100 epochs; V-PETL Bench uses it too; shared/methods/bench.md §4)"})
+    weight_decay: float = field(default=1e-4, metadata={
+        "help": "vk.fit's AdamW weight decay unless one is given; from the same recipe"})
 
     def __post_init__(self):
         if self.tuner != "lora" and any(t in SLICES for t in self.targets):

@@ -38,6 +38,11 @@ class Config:
         "help": "normal: gamma ~ N(1, std), beta ~ N(0, std) as in the paper; identity: gamma = 1, beta = 0"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal init"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head too"})
+    lr: float = field(default=1e-2, metadata={
+        "help": "vk.fit's learning rate unless one is given; from the SSF paper's VTAB-1k scripts (AdamW, batch 32; "
+                "shared/methods/adapt.md P5)"})
+    weight_decay: float = field(default=5e-5, metadata={
+        "help": "vk.fit's AdamW weight decay unless one is given; from the same scripts"})
 
 
 class SSF(nn.Module):

@@ -39,6 +39,12 @@ class Config:
                                                         "at the input only (VPT-shallow)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the prompt tokens"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head too"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "vk.fit's learning rate unless one is given; from NOAH's VTAB-1k recipe for VPT (AdamW, batch 64, 100"
+                " epochs; V-PETL Bench uses it too; shared/methods/bench.md §4); the paper tunes an SGD lr grid per "
+                "task"})
+    weight_decay: float = field(default=1e-4, metadata={
+        "help": "vk.fit's AdamW weight decay unless one is given; from the same recipe"})
 
     def __post_init__(self):
         if self.num_prompts < 0:

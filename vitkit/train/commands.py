@@ -24,7 +24,20 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
         return args
     import yaml
 
-    recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such file")
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"--config {args.config}: not valid YAML{where}: {problem}; fix the file (a recipe is a "
+                         "mapping of option names, e.g. `epochs: 3`)") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"--config {args.config}: a recipe is a mapping of option names (e.g. `epochs: 3`), got a "
+                         f"{type(recipe).__name__}")
     defaults = args._defaults
     for key, value in recipe.items():
         dest = key.replace("-", "_")
@@ -66,6 +79,9 @@ def _run_train(args: argparse.Namespace) -> None:
     from vitkit import data
     from vitkit.cli import apply_specs, load_model, parse_pairs
 
+    from .fit import NonFiniteLossError
+    from .hparams import default_hparams
+
     args = apply_recipe(args)
     parts = load_data(args)
     if args.train_part not in parts and list(parts) != ["all"]:
@@ -79,18 +95,61 @@ def _run_train(args: argparse.Namespace) -> None:
     val = parts.get(args.val_part)
     val = val.with_transform(data.transform(model)) if val is not None and args.val_part != args.train_part else None
     out = Path(args.out)
-    result = vk.fit(model, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
-                    grad_accum=args.grad_accum, clip_grad=args.clip_grad, label_smoothing=args.label_smoothing,
-                    seed=args.seed, out_dir=out, resume=args.resume, num_workers=args.workers,
-                    progress=not args.no_progress)
-    if args.export:
-        export(model, args.export, dtype=args.export_dtype)
-        print(f"exported weights: {args.export}")
+    export_path = export_target(args.export, out, args.replace_embedded) if args.export else None  # before training
+    try:
+        result = vk.fit(model, train, val, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
+                        grad_accum=args.grad_accum, clip_grad=args.clip_grad, label_smoothing=args.label_smoothing,
+                        seed=args.seed, out_dir=out, resume=args.resume, num_workers=args.workers,
+                        progress=not args.no_progress)
+    except NonFiniteLossError as err:
+        lr = args.lr if args.lr is not None else default_hparams(model)["lr"]
+        raise NonFiniteLossError(f"{err} (vitkit train: lr {lr:g}" + (" from --lr" if args.lr is not None else "")
+                                 + f"; e.g. --lr {lr / 10:g})") from None
+    if export_path is not None:
+        export(model, export_path, dtype=args.export_dtype)
+        print(f"exported weights: {export_path}")
     summary = {"run_dir": str(result.run_dir), "last": result.history[-1] if result.history else None,
                "best": result.best}
     print(json.dumps(summary, indent=2))
     print(f"results: {out / 'metrics.jsonl'} (also metrics.csv, last.pt, best.pt, model/)")
+
+
+def export_target(export: str, run_dir: Path, replace_embedded: str | None = None) -> Path:
+    """Where `--export` writes: a bare file name goes into the run folder; a path is taken as given.
+
+    Never into the installed package (where the embedded models live) unless `replace_embedded` holds the first
+    8 or more hex digits of the SHA-256 of the file being replaced: an explicit, checked request. Checked before
+    training, so a refused export costs nothing.
+    """
+    import hashlib
+
+    import vitkit
+
+    path = Path(export).expanduser()
+    path = run_dir / path if path.parent == Path(".") else path
+    package = Path(vitkit.__file__).resolve().parent
+    target = path.resolve()
+    if not target.is_relative_to(package):
+        if replace_embedded:
+            raise ValueError(f"--replace-embedded is only for a file inside the vitkit package ({package}); "
+                             f"--export {export} is not one")
+        return path
+    digest = hashlib.sha256(target.read_bytes()).hexdigest() if target.is_file() else None
+    if not replace_embedded:
+        state = f"the shipped file (sha256 {digest[:12]}...)" if digest else "a path inside the package"
+        raise ValueError(f"--export {export} would overwrite {state} inside the vitkit package, so "
+                         "`vk.load` would silently load this run's weights and adapters saved on the old ones "
+                         "would stop loading; export to the run folder (--export NAME.safetensors writes "
+                         f"{run_dir}/NAME.safetensors) or, to replace it on purpose, add --replace-embedded "
+                         f"{digest[:12] if digest else 'new'}")
+    wanted = replace_embedded.lower()
+    ok = wanted == "new" and digest is None or digest is not None and len(wanted) >= 8 and digest.startswith(wanted)
+    if not ok:
+        raise ValueError(f"--replace-embedded {replace_embedded}: {target} has sha256 "
+                         f"{digest[:12] + '...' if digest else 'none (no such file)'}; pass its first 8+ hex digits "
+                         "to replace it")
+    return path
 
 
 def export(model, path: str | Path, dtype: str = "float32") -> Path:
@@ -118,9 +177,10 @@ def _add_train(sub) -> None:
     p.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]",
                    help="adaptation method(s) to apply first (default: full)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: the applied methods' own, see vitkit methods; printed)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: as --lr)")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
@@ -131,8 +191,13 @@ def _add_train(sub) -> None:
     p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
                    help="training transform option for timm create_transform, e.g. scale=[0.35,1] (repeatable)")
     p.add_argument("--out", default="runs/train", help="run folder (checkpoints, metrics)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--export", metavar="FILE.safetensors", help="also write the final weights to this file")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "force"), metavar="force",
+                   help="continue from OUT/last.pt (refused when its settings differ; `--resume force` continues)")
+    p.add_argument("--export", metavar="FILE.safetensors",
+                   help="also write the final weights to this file (a bare name: inside the run folder)")
+    p.add_argument("--replace-embedded", metavar="SHA256_PREFIX",
+                   help="allow --export to replace a file inside the vitkit package (an embedded model); give the "
+                        "first 8+ hex digits of the replaced file's SHA-256 (the refusal prints them)")
     p.add_argument("--export-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     _recipe(p)
@@ -159,6 +224,11 @@ def _run_eval(args: argparse.Namespace) -> None:
     test = test.with_transform(tf)
     train = parts.get(args.train_part)
     train = train.with_transform(tf) if train is not None else None
+    needs = [p for p in args.protocol if p != "finetuned"]
+    if needs and train is None:
+        how = ("pass --split, e.g. --split train=800,test=200" if not args.split else
+               f"--train-part {args.train_part!r} is not a split part ({', '.join(parts)})")
+        raise ValueError(f"--protocol {needs[0]} needs reference images (--train-part {args.train_part}): {how}")
     results = {}
     for protocol in args.protocol or ["finetuned"]:
         results[protocol] = vk.evaluate(model, test, protocol, train=train, k=args.k, shots=args.shots,

@@ -3,11 +3,11 @@
 The embedded model (`vitkit/vit-tiny-cifar`, pretrained on CIFAR-10 photos) is adapted to another domain,
 scikit-learn's handwritten digits (shipped in its wheel), by every adaptation method registered at run time
 (`vk.methods("adapt")`), each with the same budget: the same images, epochs, batch size, seed and freshly
-initialised head, and one learning-rate rule (`lr` for methods that train less than half of the weights,
-`lr_full` for the others: parameter-efficient methods are usually run at about 10x the learning rate of full
-fine-tuning; per-method tuning belongs to `vitkit bench`). A method added to `vitkit/adapt/` appears here by existing; a method that
-fails becomes a row with its error. Results: `results.json`, `results.md` and `accuracy_vs_params.png` in the
-output folder, whose path is printed at the end.
+initialised head, and each method's own learning rate and weight decay (its `Config`'s `lr` / `weight_decay`,
+from its paper or the PETL benchmarks; `--lr` sets one for all). No method is tuned here: per-task tuning
+belongs to `vitkit bench` (`budget: {tune: ...}`). A method added to `vitkit/adapt/` appears here by existing; a
+method that fails becomes a row with its error. Results: `results.json`, `results.md` and
+`accuracy_vs_params.png` in the output folder, whose path is printed at the end.
 """
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ class DemoConfig:
     train_per_class: int = 50
     test_per_class: int = 50
     epochs: int = 3
-    lr: float = 3e-2  # for methods that train less than half of the weights (PEFT)
-    lr_full: float = 3e-3  # for methods that train half of the weights or more (full fine-tuning)
+    lr: Optional[float] = None  # None: each method's own Config lr (and weight decay); a value: that lr for all
     batch_size: int = 32
     seed: int = 0
     methods: Optional[tuple[str, ...]] = None  # None: every registered adapt method
@@ -85,17 +84,18 @@ def run_method(name: str, cfg: DemoConfig, train, test, test_images: torch.Tenso
     vk.adapt(model, name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    lr = cfg.lr if trainable < total / 2 else cfg.lr_full  # one generic rule, no per-method tuning
     start = time.perf_counter()
-    vk.fit(model, train, None, epochs=cfg.epochs, lr=lr, batch_size=cfg.batch_size, seed=cfg.seed,
-           warmup_epochs=min(1.0, cfg.epochs / 3), out_dir=out / "runs" / name, progress=False,
-           on_epoch_end=on_epoch, save_model=False)
+    fitted = vk.fit(model, train, None, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+                    warmup_epochs=min(1.0, cfg.epochs / 3), out_dir=out / "runs" / name, progress=False,
+                    on_epoch_end=on_epoch, save_model=False)
     train_time = time.perf_counter() - start
     saved = vk.save(model, out / "adapters" / name)
     result = vk.evaluate(model, test, "finetuned")
     return {"method": name, "status": "ok", "accuracy": result["top1"], "top5": result["top5"],
             "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
-            "adapter_bytes": folder_bytes(saved), "lr": lr, "train_time_s": train_time,
+            "adapter_bytes": folder_bytes(saved), "lr": fitted.config["lr"],
+            "weight_decay": fitted.config["weight_decay"], "lr_source": fitted.config["lr_source"],
+            "train_time_s": train_time,
             "inference_img_per_s": throughput(model, test_images), "error": None}
 
 
@@ -144,14 +144,14 @@ def run_demo(cfg: DemoConfig, out: str | Path = "vitkit-demo", progress: bool = 
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | accuracy | trainable params | % of model | saved adapter | train time | inference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | accuracy | lr | trainable params | % of model | saved adapter | train time | inference |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["status"] != "ok", -r.get("accuracy", 0))):
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | error: {r['error'][:120]} | | | | | |")
+            lines.append(f"| {r['method']} | error: {r['error'][:120]} | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['trainable_params']:,} | {r['trainable_pct']:.2f}% "
-                     f"| {r['adapter_bytes'] / 1024:.1f} KiB | {r['train_time_s']:.1f} s "
+        lines.append(f"| {r['method']} | {r['accuracy']:.3f} | {r['lr']:g} | {r['trainable_params']:,} "
+                     f"| {r['trainable_pct']:.2f}% | {r['adapter_bytes'] / 1024:.1f} KiB | {r['train_time_s']:.1f} s "
                      f"| {r['inference_img_per_s']:.0f} img/s |")
     return "\n".join(lines) + "\n"
 
@@ -167,10 +167,11 @@ def write_outputs(summary: dict, out: Path) -> None:
 
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     budget = summary["budget"]
+    lrs = "each at its own lr and weight decay (Config defaults)" if budget["lr"] is None else f"lr {budget['lr']:g}"
     header = (f"# vitkit demo\n\n{summary['model']} adapted to {summary['task']}: {summary['train_images']} train / "
-              f"{summary['test_images']} test images, {budget['epochs']} epochs, lr {budget['lr']} (methods training "
-              f">= half of the weights: {budget['lr_full']}), batch "
-              f"{budget['batch_size']}, seed {budget['seed']} for every method; {summary['device']}, "
+              f"{summary['test_images']} test images, {budget['epochs']} epochs, batch {budget['batch_size']}, seed "
+              f"{budget['seed']} for every method, "
+              f"{lrs}; {summary['device']}, "
               f"{summary['torch_threads']} threads, {summary['total_time_s']:.0f} s in all.\n\n")
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(header + markdown_table(summary["rows"])))
     ok = [r for r in summary["rows"] if r["status"] == "ok"]
@@ -195,17 +196,22 @@ def print_table(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"vitkit demo: {summary['model']} -> digits ({summary['total_time_s']:.0f} s)")
-    for column in ("method", "accuracy", "trainable", "adapter", "train", "inference"):
+    for column in ("method", "accuracy", "lr", "trainable", "adapter", "train", "inference"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column != "method",
                          overflow="ellipsis")
-    for r in sorted(summary["rows"], key=lambda r: (r["status"] != "ok", -r.get("accuracy", 0))):
-        if r["status"] != "ok":
-            table.add_row(r["method"], f"[red]{r['error'][:60]}[/red]", "", "", "", "")
+    rows = sorted(summary["rows"], key=lambda r: (r["status"] != "ok", -r.get("accuracy", 0)))
+    for r in rows:
+        if r["status"] != "ok":  # the message goes below the table: a long cell would squeeze every column
+            table.add_row(r["method"], "[red]error[/red]", "", "", "", "", "")
         else:
-            table.add_row(r["method"], f"{r['accuracy']:.3f}", f"{r['trainable_params']:,}",
+            table.add_row(r["method"], f"{r['accuracy']:.3f}", f"{r['lr']:g}", f"{r['trainable_params']:,}",
                           f"{r['adapter_bytes'] / 1024:.1f} KiB", f"{r['train_time_s']:.1f} s",
-                          f"{r['inference_img_per_s']:.0f} img/s")
-    Console().print(table)
+                          f"{r['inference_img_per_s']:.0f}/s")
+    console = Console()
+    console.print(table)
+    for r in rows:
+        if r["status"] != "ok":
+            console.print(f"[red]{r['method']}[/red]: {r['error']}", highlight=False, markup=True)
 
 
 def _run(args) -> None:
@@ -214,8 +220,7 @@ def _run(args) -> None:
     args = apply_recipe(args)
     methods = tuple(m for m in (args.methods or "").split(",") if m) or None
     cfg = DemoConfig(model=args.model, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-                     epochs=args.epochs, lr=args.lr, lr_full=args.lr_full, batch_size=args.batch_size, seed=args.seed,
-                     methods=methods)
+                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, methods=methods)
     summary = run_demo(cfg, args.out, progress=not args.no_progress)
     print_table(summary)
     out = Path(args.out).resolve()
@@ -233,8 +238,8 @@ def add_command(sub) -> None:
     p.add_argument("--train-per-class", type=int, default=d.train_per_class)
     p.add_argument("--test-per-class", type=int, default=d.test_per_class)
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of methods training < half the weights")
-    p.add_argument("--lr-full", type=float, default=d.lr_full, help="learning rate of the others (full)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="one learning rate for every method (default: each method's own, see `vitkit methods`)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default="vitkit-demo", help="output folder")

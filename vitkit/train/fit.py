@@ -5,7 +5,8 @@
         ->  validate  ->  checkpoint last (+ best), metrics to JSONL/CSV
 
 Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); nothing here
-knows any method. Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
+knows any method. The learning rate and weight decay default to the applied methods' own (`default_hparams`:
+each adaptation method's Config states its paper's / the PETL benchmarks' values). Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
 model in DDP; each process reads its own shard of the epoch's order). Mixed precision (bf16) only on CUDA.
 
 Exact resume: a checkpoint holds the trained tensors, the optimizer, the schedule's step, the RNG states and
@@ -21,6 +22,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 
 from vitkit.io import atomic_torch_save, atomic_write
 
+from .hparams import ResumeMismatchError, changed_settings, default_hparams, method_chain
+
 _log = logging.getLogger("vitkit")
 
 
@@ -42,11 +46,12 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class FitResult:
-    """What `fit` returns: the run folder, one metrics dict per epoch, and the best epoch's metrics."""
+    """What `fit` returns: the run folder, one metrics dict per epoch, the best epoch's metrics, the settings."""
 
     run_dir: Path
     history: list[dict] = field(default_factory=list)
     best: Optional[dict] = None
+    config: dict = field(default_factory=dict)  # the settings used, with `lr_source` (where the lr came from)
 
 
 def add_loss(model: nn.Module, fn: Callable) -> None:
@@ -104,7 +109,7 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) ->
 
 
 def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.utils.data.Dataset] = None, *,
-        epochs: int = 10, lr: float = 1e-3, batch_size: int = 64, weight_decay: float = 0.05,
+        epochs: int = 10, lr: Optional[float] = None, batch_size: int = 64, weight_decay: Optional[float] = None,
         warmup_epochs: float = 1.0, min_lr: float = 0.0, grad_accum: int = 1, clip_grad: Optional[float] = 1.0,
         label_smoothing: float = 0.0, seed: int = 0, out_dir: str | Path = "runs/fit", resume: bool | str = False,
         num_workers: int = 0, amp: bool = True, progress: bool = True,
@@ -114,12 +119,16 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     Args:
         model: a classifier; methods applied before `fit` decide what trains.
         train, val: datasets yielding `(image tensor, int label)` (attach a transform with `with_transform`).
-        epochs, lr, batch_size: the budget; `batch_size` is per process and per micro-batch.
-        weight_decay: AdamW decay of matrices (not of biases, norms, tokens or position embeddings).
+        epochs, batch_size: the budget; `batch_size` is per process and per micro-batch.
+        lr: peak learning rate; None: the applied methods' own (`default_hparams`, logged with its source).
+        weight_decay: AdamW decay of matrices (not of biases, norms, tokens or position embeddings); None: as `lr`.
         warmup_epochs, min_lr: the learning-rate schedule (`lr_at`), stepped per optimizer step.
         grad_accum: micro-batches per optimizer step. clip_grad: max gradient norm (None: no clipping).
         seed: seeds torch, numpy, python and the data order. out_dir: the run folder (checkpoints, metrics).
-        resume: True continues from `out_dir/last.pt` when it exists; a path continues from that file.
+        resume: False starts clean (an earlier run's files in `out_dir` are replaced); True continues from
+            `out_dir/last.pt` when it exists, and refuses (`ResumeMismatchError`, naming each change) when that
+            checkpoint was written with another budget, lr, batch size, data size or method chain; "force"
+            continues anyway (a warning lists the changes); a path continues from that file (same check).
         amp: bf16 autocast when CUDA is present (ignored on CPU). progress: a Rich progress bar.
         on_epoch_end: called with the epoch's metrics after its checkpoint is written.
         save_model: `vk.save` the final model into `out_dir/model` (trained tensors only, for adapters).
@@ -136,6 +145,16 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     if not params:
         raise ValueError("fit: no parameter requires grad; apply an adaptation method first, e.g. "
                          "vk.adapt(model, 'linear') or vk.adapt(model, 'full')")
+    if resume not in (True, False, "force") and not isinstance(resume, (str, Path)) or resume == "":
+        raise ValueError(f"fit: `resume` must be True, False, 'force' or a checkpoint path, got {resume!r}")
+    defaults = default_hparams(model)
+    source_of = {"lr": "set by the caller" if lr is not None else defaults["source"],
+                 "weight_decay": "set by the caller" if weight_decay is not None else defaults["source"]}
+    lr = float(defaults["lr"] if lr is None else lr)
+    weight_decay = float(defaults["weight_decay"] if weight_decay is None else weight_decay)
+    if main:
+        _log.info("fit: lr %g (%s), weight decay %g (%s)", lr, source_of["lr"], weight_decay,
+                  source_of["weight_decay"])
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
     decay = [p for n, p in params if p.ndim >= 2 and n.split(".")[0] not in skip]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and n.split(".")[0] not in skip)]
@@ -148,15 +167,32 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     steps_per_epoch = math.ceil(n_batches / grad_accum)
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     step, start_epoch, history, best = 0, 0, [], None
+    saved_here = False  # whether `last` holds this run's state (written or resumed here), for the NaN message
     config = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                   min_lr=min_lr, grad_accum=grad_accum, clip_grad=clip_grad, label_smoothing=label_smoothing,
-                  seed=seed, world_size=world, trainable=sum(p.numel() for _, p in params))
+                  seed=seed, world_size=world, trainable=sum(p.numel() for _, p in params), train_size=len(train),
+                  methods=method_chain(model), lr_source=source_of["lr"])
 
     # --- resume: weights, optimizer, schedule step, RNG, next epoch ----------------------------------------
     last = run_dir / "last.pt"
-    source = Path(resume) if isinstance(resume, (str, Path)) else (last if resume and last.is_file() else None)
+    force = resume == "force"
+    if isinstance(resume, (str, Path)) and not force:
+        source = Path(resume)
+        if not source.is_file():
+            raise FileNotFoundError(f"fit: resume={str(resume)!r}: no such checkpoint file")
+    else:
+        source = last if resume and last.is_file() else None
     if source is not None:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
+        changes = changed_settings(ckpt.get("config", {}), config)
+        if changes and not force:
+            raise ResumeMismatchError(
+                f"fit: {source} was written with other settings ({'; '.join(changes)}); resuming would mix two "
+                "runs. Start clean with resume=False (vitkit train: leave out --resume), use another out_dir, or "
+                "continue anyway with resume='force' (--resume force)")
+        if changes:
+            warnings.warn(f"fit: resuming {source} with changed settings ({'; '.join(changes)}) because "
+                          "resume='force': the result is not that of one uninterrupted run", stacklevel=2)
         expected = set(trained_state(model))
         if set(ckpt["model"]) != expected:
             raise ValueError(f"fit: {source} holds other tensors than this model trains "
@@ -170,9 +206,13 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             _log.warning("fit: %s was written by %d process(es), resuming with %d: RNG streams restart",
                          source, len(ckpt["rng"]), world)
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        saved_here = source == last
         _log.info("fit: resumed from %s at epoch %d/%d (step %d)", source, start_epoch, epochs, step)
     elif resume:
         _log.info("fit: nothing to resume in %s, starting fresh", run_dir)
+    elif last.is_file() and main:
+        _log.info("fit: resume=False: starting clean in %s (the earlier run's last.pt, best.pt and metrics are "
+                  "replaced as epochs finish)", run_dir)
 
     def loader(dataset, indices):
         return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
@@ -201,11 +241,23 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     loss = criterion(logits.float(), targets)
                     for extra in extra_losses:
                         loss = loss + extra(model, images, logits, targets)
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if world > 1:  # every process stops at the same step, or the others wait in all-reduce forever
+                    flags = accelerator.reduce(torch.tensor([float(finite)], device=accelerator.device), "sum")
+                    bad = world - int(flags.item())
+                else:
+                    bad = 0 if finite else 1
+                if bad:
+                    where = "" if world == 1 else (f" on this process (rank {rank})" if not finite else
+                                                   f" on {bad} other process(es); rank {rank} stops too")
+                    kept = (f"{last} (epoch {start_epoch if not history else history[-1]['epoch']}, untouched)"
+                            if saved_here else "none from this run" + (f" ({last} is an earlier run's, untouched)"
+                                                                       if last.is_file() else ""))
                     raise NonFiniteLossError(
-                        f"fit: the loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); "
-                        f"training stopped. Last good checkpoint: {last if last.is_file() else 'none yet'}. "
-                        "Try a lower lr, clip_grad, or check the data for NaN/inf pixels")
+                        f"fit: the loss is {loss.item() if not finite else 'not finite'}{where} at step {step + 1} "
+                        f"(epoch {epoch + 1}, batch {i + 1}) with lr {lr:g} ({source_of['lr']}); training stopped. "
+                        f"Last good checkpoint: {kept}. Try a lower lr, clip_grad, or check the data for NaN/inf "
+                        "pixels")
                 accelerator.backward(loss / micro)
                 if sync:
                     if clip_grad is not None:
@@ -243,13 +295,14 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                 _log.info("epoch %d/%d  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                        if k not in ("epoch",)), epoch + 1, epochs)
             accelerator.wait_for_everyone()
+            saved_here = True
             if on_epoch_end is not None:
                 on_epoch_end(metrics)
     if main and save_model and "_vitkit_base" in model.__dict__:
         from vitkit.io import save
 
         save(model, run_dir / "model")
-    return FitResult(run_dir, history, best)
+    return FitResult(run_dir, history, best, config)
 
 
 @torch.no_grad()
