@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from vitkit.models.runner import BlockContext, TokenState, get_runner
 from vitkit.registry import register
 
-from ._common import earlier_trainable, freeze_except
+from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,12 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if "vpt" in runner.owners() or hasattr(model, "vpt"):
         raise ValueError("vpt: already applied to this model")
     keep = earlier_trainable(model)
-    if cfg.num_prompts > 0:
-        layers = len(model.blocks) if cfg.deep else 1
-        ps = tuple(model.patch_embed.patch_size)
-        device = next(model.parameters()).device
-        model.vpt = Prompts(layers, cfg.num_prompts, model.embed_dim, ps, cfg.dropout).to(device)
-        model.vpt.train(model.training)
-        runner.add("before_block", _before_block, owner="vpt", blocks=None if cfg.deep else [0])
+    layers = len(model.blocks) if cfg.deep else 1
+    ps = tuple(model.patch_embed.patch_size)
+    with new_modules_follow_mode(model):  # n = 0 registers too (0 prompts): the identity runs the same path
+        model.vpt = like(Prompts(layers, cfg.num_prompts, model.embed_dim, ps, cfg.dropout),
+                         first_weight(model.patch_embed))
+    runner.add("before_block", _before_block, owner="vpt", blocks=None if cfg.deep else [0])
     freeze_except(model, keep | {"vpt.prompts"}, cfg.train_head)
     return model
 
