@@ -11,7 +11,9 @@ Plugs in at: pattern 1 (wrap a module's output; fused SDPA untouched). Sites: `p
 `mlp.fc2`; the final `norm` or `fc_norm` (whichever is a real norm). No site after `q_norm`. Each wrapper keeps
 the wrapped layer as `base_layer`, so `vk.save` writes only gamma, beta (+ head). Counts: ViT-B 205,824.
 `merge(model)`: after a Linear `W' = diag(gamma) W, b' = gamma*b + beta`; after a LayerNorm
-`weight' = gamma*weight, bias' = gamma*bias + beta`; after the patch conv, per output channel.
+`weight' = gamma*weight, bias' = gamma*bias + beta`; after the patch conv, per output channel (without a
+conv bias, as in `pre_norm=True` ViTs, beta goes into the patch part of `pos_embed`). All or nothing; the result
+loads strictly into the same timm architecture, so another bias-free layer is refused unless `add_bias=True`.
 
 Hand-written here, and why: PEFT has no SSF. Differs from the reference: `init="identity"` (gamma = 1,
 beta = 0) is offered for an exact identity; the default `init="normal"` is the reference's N(1, 0.02) /
@@ -28,7 +30,7 @@ import torch.nn as nn
 
 from vitkit.registry import register
 
-from ._common import earlier_trainable, forget, freeze_except, new_modules_follow_mode
+from ._common import earlier_trainable, first_weight, forget, freeze_except, new_modules_follow_mode
 
 BLOCK_SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 
@@ -44,10 +46,11 @@ class Config:
 class SSF(nn.Module):
     """`gamma * base_layer(x) + beta` over the channel dimension (last, or 1 for a conv)."""
 
-    def __init__(self, base_layer: nn.Module, dim: int, channel_dim: int, cfg: Config):
+    def __init__(self, base_layer: nn.Module, dim: int, channel_dim: int, cfg: Config,
+                 ref: torch.Tensor | None = None):
         super().__init__()
         self.base_layer, self.channel_dim = base_layer, channel_dim
-        ref = next(base_layer.parameters())
+        ref = next(base_layer.parameters()) if ref is None else ref  # device and dtype of gamma, beta
         self.ssf_scale = nn.Parameter(torch.ones(dim, device=ref.device, dtype=ref.dtype))
         self.ssf_shift = nn.Parameter(torch.zeros(dim, device=ref.device, dtype=ref.dtype))
         if cfg.init == "normal":
@@ -103,6 +106,8 @@ def _width(module: nn.Module) -> int:
         return module.out_features
     if isinstance(module, nn.Conv2d):
         return module.out_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
     if getattr(module, "weight", None) is not None:
         return module.weight.shape[0]
     raise NotImplementedError(f"ssf: cannot size a {type(module).__name__} site")
@@ -120,8 +125,9 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         for name, module in sites(model):
             parent, _, child = name.rpartition(".")
             channel_dim = 1 if isinstance(module, nn.Conv2d) else -1
+            ref = next(module.parameters(), None)
             setattr(model.get_submodule(parent) if parent else model, child,
-                    SSF(module, _width(module), channel_dim, cfg))
+                    SSF(module, _width(module), channel_dim, cfg, ref=first_weight(model) if ref is None else ref))
     trained = {n for n, _ in model.named_parameters() if n.endswith((".ssf_scale", ".ssf_shift"))}
     freeze_except(model, keep | trained, cfg.train_head)
     return model
