@@ -79,3 +79,21 @@ def test_lora_slices_after_ssf_refused():
     model = vk.adapt(make_variant("plain"), "ssf")
     with pytest.raises(ValueError, match="lora: blocks.0.attn.qkv is a SSF, not a Linear"):
         vk.adapt(model, "lora")
+
+
+@pytest.mark.parametrize("first,kwargs", [("vpt", dict(deep=True)), ("lora", {}), ("lora", dict(targets=("qkv",))),
+                                          ("adaptformer", {}), ("ssf", {}), ("bitfit", {})])
+def test_linear_after_an_adapter_keeps_it_trainable(first, kwargs):
+    """`linear` freezes the backbone, not what an earlier method trains (issue 11.10)."""
+    model = vk.adapt(make_variant("registers"), first, **kwargs)
+    before = trainable_names(model)
+    vk.adapt(model, "linear")
+    assert trainable_names(model) == before, sorted(before ^ trainable_names(model))[:5]
+    assert {"head.weight", "head.bias"} < before
+
+
+def test_linear_alone_and_after_accelerate_trains_the_head_only():
+    model = vk.adapt(make_variant("plain"), "linear")
+    assert trainable_names(model) == {"head.weight", "head.bias"}
+    model = vk.accelerate(make_variant("plain"), "tome", r=2)
+    assert trainable_names(vk.adapt(model, "linear")) == {"head.weight", "head.bias"}
