@@ -75,10 +75,11 @@ def test_lora_then_ssf_merge_to_plain_timm(images):
     assert type(merged) is VisionTransformer and vk.applied(merged) == []
 
 
-def test_lora_slices_after_ssf_refused():
+@pytest.mark.parametrize("targets", [("q", "v"), ("qkv",), ("mlp",)])
+def test_lora_after_ssf_refused(targets):
     model = vk.adapt(make_variant("plain"), "ssf")
-    with pytest.raises(ValueError, match="lora: blocks.0.attn.qkv is a SSF, not a Linear"):
-        vk.adapt(model, "lora")
+    with pytest.raises(ValueError, match=r"lora: blocks.0.\S+ is a SSF, not a Linear; apply lora before"):
+        vk.adapt(model, "lora", targets=targets)
 
 
 @pytest.mark.parametrize("first,kwargs", [("vpt", dict(deep=True)), ("lora", {}), ("lora", dict(targets=("qkv",))),

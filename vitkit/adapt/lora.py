@@ -219,11 +219,11 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if lora_layers(model):
         raise ValueError("lora: the model already has LoRA layers; merge them first (vitkit.adapt.lora.merge)")
     keep = earlier_trainable(model)
+    wrapped = [(n, m) for n, m in model.named_modules() if n.startswith("blocks.") and hasattr(m, "base_layer")]
+    if wrapped:  # e.g. ssf: its wrappers would hide the Linears (and lora inside them could not merge)
+        raise ValueError(f"lora: {wrapped[0][0]} is a {type(wrapped[0][1]).__name__}, not a Linear; apply lora "
+                         "before methods that wrap Linears (e.g. ssf)")
     slices, names = resolve_targets(model, cfg.targets)
-    wrapped = [i for i, b in enumerate(model.blocks) if slices and not isinstance(b.attn.qkv, nn.Linear)]
-    if wrapped:
-        raise ValueError(f"lora: blocks.{wrapped[0]}.attn.qkv is a {type(model.blocks[wrapped[0]].attn.qkv).__name__}, "
-                         "not a Linear; apply lora before methods that wrap qkv (e.g. ssf)")
     trained: set[str] = set()
     with new_modules_follow_mode(model):
         if names:
