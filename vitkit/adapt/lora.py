@@ -17,7 +17,9 @@ Hand-written here, and why: everything but the q/k/v slices goes through PEFT's 
 pass through `peft_kwargs`, and `tuner="loha"` / `"lokr"` swaps in PEFT's LoHa / LoKr on the same targets. The paper's q+v update on a *fused* qkv needs one layer, `QKVLoRA`: per chosen
 slice `A_s (r x D)`, `B_s (D x r)`; the k rows of its weight delta are exactly zero. It keeps the wrapped Linear
 as `base_layer`, so `vk.save` writes only the factors. `merge(model)` folds every LoRA layer into its Linear
-and leaves a plain timm `VisionTransformer`.
+(all or nothing) and leaves a plain timm `VisionTransformer`; `merge(model, unload=False)` keeps the layers and
+records `merged=True` in the config, so a save then load rebuilds merged layers instead of adding the update
+twice. Apply lora before ssf (refused after it).
 
 Differs from the reference: nothing known. Docs: docs/adapt.md. Spec: ../shared/methods/adapt.md P1.
 """

@@ -11,6 +11,8 @@ they have no position embedding. Deep (`deep=True`) replaces them with the next 
 later block (replace, never accumulate). The token state counts them (`TokenState.num_prompts`), so token
 reduction never touches them and the runner strips them before the final norm, pooling and
 `forward_intermediates`. Fused SDPA is kept. Trainable: prompts (+ the head). Counts: shallow nD, deep LnD.
+`n = 0` registers the same hook with zero prompts (the identity runs the real path). Prompts take the dtype and
+device of the patch embedding.
 
 Hand-written here, and why: PEFT's prompt tuners need a transformers `config` and fail on a timm
 `VisionTransformer`. Differs from the reference: the optional prompt projection is not offered; the frozen
