@@ -98,3 +98,13 @@ def test_linear_alone_and_after_accelerate_trains_the_head_only():
     assert trainable_names(model) == {"head.weight", "head.bias"}
     model = vk.accelerate(make_variant("plain"), "tome", r=2)
     assert trainable_names(vk.adapt(model, "linear")) == {"head.weight", "head.bias"}
+
+
+def test_ssf_merge_over_peft_lora_refused_naming_peft(images):
+    from vitkit.adapt import ssf
+
+    model = vk.adapt(vk.adapt(make_variant("plain"), "lora", targets=("mlp",)), "ssf")
+    with pytest.raises(NotImplementedError, match=r"ssf: cannot merge into a Linear \(PEFT\) \(blocks.0.mlp.fc1\); "
+                                                  r"merge the method applied before ssf first"):
+        ssf.merge(model)
+    assert sum(isinstance(m, ssf.SSF) for m in model.modules()) == len(ssf.sites(model))

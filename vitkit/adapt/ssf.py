@@ -71,7 +71,8 @@ class SSF(nn.Module):
         """
         layer = self.base_layer
         if not isinstance(layer, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
-            raise NotImplementedError(f"ssf: cannot merge into a {type(layer).__name__} ({name}); merge the method "
+            kind = type(layer).__name__ + (" (PEFT)" if type(layer).__module__.startswith("peft") else "")
+            raise NotImplementedError(f"ssf: cannot merge into a {kind} ({name}); merge the method "
                                       "applied before ssf first (e.g. vitkit.adapt.lora.merge)")
         if isinstance(layer, nn.LayerNorm) and not layer.elementwise_affine:
             raise NotImplementedError(f"ssf: cannot merge into {name}, a LayerNorm without elementwise_affine; "
