@@ -195,6 +195,25 @@ def test_matches_plain_torch_oracle(name, deep, images):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_layout_is_prefix_then_prompts_then_patches(deep, images):
+    """Outputs cannot see where prompts sit (no position embedding); the layout matters to token methods and
+    explainers, so read it: what each block normalises is [cls, registers | prompts | patches]."""
+    model = vk.adapt(make_variant("registers"), "vpt", num_prompts=N, deep=deep)
+    p, inputs = model.num_prefix_tokens, []
+    hooks = [b.norm1.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
+    with torch.no_grad():
+        model(images)
+        plain = make_variant("registers")
+        tokens = plain._pos_embed(plain.patch_embed(images))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(inputs[0][:, :p], tokens[:, :p], atol=0, rtol=0)
+    torch.testing.assert_close(inputs[0][:, p + N:], tokens[:, p:], atol=0, rtol=0)
+    for i in range(L if deep else 1):
+        torch.testing.assert_close(inputs[i][:, p:p + N], model.vpt.prompts[i].expand(2, -1, -1), atol=0, rtol=0)
+
+
 def test_prompt_dropout_on_the_inserted_prompts(images):
     """Train mode, fixed seed: the prompts are dropped out (one mask per layer's prompts) as they are inserted."""
     model = vk.adapt(make_variant("plain"), "vpt", num_prompts=N, deep=True, dropout=0.5).train()
