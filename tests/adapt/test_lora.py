@@ -390,3 +390,15 @@ def test_merged_keys_are_the_timm_architectures(targets, images):
     fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, qkv_bias=False, **TINY)
     assert list(merged.state_dict()) == list(fresh.state_dict())
     fresh.load_state_dict(merged.state_dict(), strict=True)
+
+
+def test_dora_loaded_merged_reproduces_logits_and_refuses_unmerge(images, tmp_path):
+    """DoRA's unmerge needs the pre-merge weight norm, which no save holds: the loaded model refuses it."""
+    model = vk.adapt(make_variant("plain"), "lora", targets=("qkv",), peft_kwargs={"use_dora": True})
+    randomize_factors(model)
+    with torch.no_grad():
+        merged = lora.merge(model, unload=False)(images)
+        loaded = vk.load(vk.save(model, tmp_path / "dora")).eval()
+        torch.testing.assert_close(loaded(images), merged, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="lora: cannot unmerge blocks.0.attn.qkv: a DoRA layer loaded merged"):
+        lora.unmerge(loaded)
