@@ -345,7 +345,8 @@ MERGE_CASES = [
 @pytest.mark.parametrize("kwargs,unload", MERGE_CASES)
 def test_save_after_merge_reproduces_logits(kwargs, unload, base, tiny_file, images, tmp_path):
     """merge(unload=False) keeps merged layers: the save records it, so loading does not add the update twice."""
-    model = (make_variant("plain") if base == "full" else vk.load(tiny_file, arch="vit_tiny_patch16_224", **TINY)).eval()
+    model = make_variant("plain") if base == "full" else vk.load(tiny_file, arch="vit_tiny_patch16_224", **TINY)
+    model.eval()
     vk.adapt(model, "lora", **kwargs)
     randomize_factors(model)
     with torch.no_grad():

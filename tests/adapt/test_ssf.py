@@ -122,7 +122,8 @@ def test_merge_into_bias_free_linear_is_refused_unless_a_bias_may_be_added(image
     with pytest.raises(NotImplementedError, match=r"ssf: cannot merge the shift after blocks\.0\.attn\.qkv, a "
                                                   r"Linear without bias.*add_bias=True"):
         ssf.merge(model)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()) and model.state_dict().keys() == before.keys()
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     merged = ssf.merge(model, add_bias=True)
     with torch.no_grad():
         torch.testing.assert_close(merged(images), unmerged, atol=1e-5, rtol=1e-5)

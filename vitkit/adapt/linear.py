@@ -2,7 +2,8 @@
 
 The standard baseline of every PEFT table (VTAB-1k, FGVC) and the `linear` protocol of Battle of the Backbones.
 Nothing is hand-written beyond setting `requires_grad`. Applied after another adaptation method (`vpt`, then
-`linear`), it keeps what that method trains: it freezes the backbone, not the earlier adapters. Spec: ../shared/methods/adapt.md (linear/full).
+`linear`), it keeps what that method trains: it freezes the backbone, not the earlier adapters.
+Spec: ../shared/methods/adapt.md (linear/full).
 """
 from __future__ import annotations
 
