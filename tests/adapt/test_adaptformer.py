@@ -9,6 +9,7 @@ import torch
 
 import vitkit as vk
 from conftest import TINY, VARIANTS, make_variant
+from vit_oracle import base_tensors, vit_forward
 from vitkit.adapt.adaptformer import Adapter
 
 D, L = TINY["embed_dim"], TINY["depth"]
@@ -92,6 +93,45 @@ def test_dropout_follows_train_mode(images):
         torch.testing.assert_close(model(images), model(images))
         model.train()
         assert (model(images) - model(images)).abs().max() > 0
+
+
+# ---------------------------------------------------------------- oracle: plain torch from the spec (P2)
+
+def adapter_oracle(sd, scale, drop=lambda h: h):
+    """x2 = x1 + mlp(norm2(x1)) + s·up(drop(relu(down(x1)))): reads the residual stream x1, outside ls2/dp2."""
+    def mlp_parallel(i, x1):
+        a = f"blocks.{i}.adaptformer."
+        h = drop(torch.relu(torch.nn.functional.linear(x1, sd[a + "down.weight"], sd[a + "down.bias"])))
+        return scale * torch.nn.functional.linear(h, sd[a + "up.weight"], sd[a + "up.bias"])
+    return mlp_parallel
+
+
+def test_matches_plain_torch_oracle(images):
+    model = vk.adapt(make_variant("plain"), "adaptformer", bottleneck=16, scale=0.5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for b in model.blocks:  # up starts at zero: give it (and the biases) values that change the logits
+            for p in (b.adaptformer.up.weight, b.adaptformer.up.bias, b.adaptformer.down.bias):
+                p.normal_(0, 0.2)
+        out = model(images)
+    sd = base_tensors(model)
+    expected = vit_forward(sd, images, heads=4, mlp_parallel=adapter_oracle(sd, 0.5))
+    assert (expected - make_variant("plain")(images)).abs().max() > 1e-2
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_sits_between_relu_and_up():
+    """Train mode, fixed seed: one dropout mask on relu(down(x1)) (bottleneck width), none elsewhere."""
+    model = vk.adapt(make_variant("plain"), "adaptformer", bottleneck=16, dropout=0.5).train()
+    adapter, x1 = model.blocks[2].adaptformer, torch.randn(2, 7, D)
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+        torch.manual_seed(4)
+        out = adapter(x1)
+        sd = {f"blocks.2.adaptformer.{k}": v for k, v in adapter.state_dict().items()}
+        torch.manual_seed(4)
+        expected = adapter_oracle(sd, 0.1, lambda h: torch.nn.functional.dropout(h, 0.5, True))(2, x1)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_refuses_second_application_and_bad_config():

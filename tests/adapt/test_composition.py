@@ -75,7 +75,36 @@ def test_lora_then_ssf_merge_to_plain_timm(images):
     assert type(merged) is VisionTransformer and vk.applied(merged) == []
 
 
-def test_lora_slices_after_ssf_refused():
+@pytest.mark.parametrize("targets", [("q", "v"), ("qkv",), ("mlp",)])
+def test_lora_after_ssf_refused(targets):
     model = vk.adapt(make_variant("plain"), "ssf")
-    with pytest.raises(ValueError, match="lora: blocks.0.attn.qkv is a SSF, not a Linear"):
-        vk.adapt(model, "lora")
+    with pytest.raises(ValueError, match=r"lora: blocks.0.\S+ is a SSF, not a Linear; apply lora before"):
+        vk.adapt(model, "lora", targets=targets)
+
+
+@pytest.mark.parametrize("first,kwargs", [("vpt", dict(deep=True)), ("lora", {}), ("lora", dict(targets=("qkv",))),
+                                          ("adaptformer", {}), ("ssf", {}), ("bitfit", {})])
+def test_linear_after_an_adapter_keeps_it_trainable(first, kwargs):
+    """`linear` freezes the backbone, not what an earlier method trains (issue 11.10)."""
+    model = vk.adapt(make_variant("registers"), first, **kwargs)
+    before = trainable_names(model)
+    vk.adapt(model, "linear")
+    assert trainable_names(model) == before, sorted(before ^ trainable_names(model))[:5]
+    assert {"head.weight", "head.bias"} < before
+
+
+def test_linear_alone_and_after_accelerate_trains_the_head_only():
+    model = vk.adapt(make_variant("plain"), "linear")
+    assert trainable_names(model) == {"head.weight", "head.bias"}
+    model = vk.accelerate(make_variant("plain"), "tome", r=2)
+    assert trainable_names(vk.adapt(model, "linear")) == {"head.weight", "head.bias"}
+
+
+def test_ssf_merge_over_peft_lora_refused_naming_peft(images):
+    from vitkit.adapt import ssf
+
+    model = vk.adapt(vk.adapt(make_variant("plain"), "lora", targets=("mlp",)), "ssf")
+    with pytest.raises(NotImplementedError, match=r"ssf: cannot merge into a Linear \(PEFT\) \(blocks.0.mlp.fc1\); "
+                                                  r"merge the method applied before ssf first"):
+        ssf.merge(model)
+    assert sum(isinstance(m, ssf.SSF) for m in model.modules()) == len(ssf.sites(model))

@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import vitkit as vk
 from conftest import TINY, VARIANTS, make_variant
+from vit_oracle import base_tensors, vit_forward
 from vitkit.adapt import lora
 
 D, L, H, R = TINY["embed_dim"], TINY["depth"], 4 * TINY["embed_dim"], 8
@@ -259,3 +260,146 @@ def test_refuses_second_application():
     model = vk.adapt(make_variant("plain"), "lora")
     with pytest.raises(ValueError, match="lora: the model already has LoRA layers"):
         vk.adapt(model, "lora", targets=("proj",))
+
+
+# ---------------------------------------------------------------- oracle: plain torch from the spec (P1)
+
+def lora_site(sd, scale, slices):
+    """`y = Wx + b + s·B A drop(x)` on qkv: per slice (q rows [0, D), k [D, 2D), v [2D, 3D)) for vitkit's fused
+    q/v layer (keys `lora_A.q`), on the whole output for PEFT's layer (keys `lora_A.default`)."""
+    def site(name, inp, out):
+        if not name.endswith("attn.qkv"):
+            return out
+        out = out.clone()
+        for s in slices:
+            rows = slice(None) if s == "default" else slice("qkv".index(s) * D, ("qkv".index(s) + 1) * D)
+            a, b = sd[f"{name}.lora_A.{s}.weight"], sd[f"{name}.lora_B.{s}.weight"]
+            out[..., rows] += scale * inp @ a.T @ b.T
+        return out
+    return site
+
+
+@pytest.mark.parametrize("targets,slices", [(("q", "v"), ("q", "v")), (("qkv",), ("default",))], ids=["qv", "peft"])
+def test_matches_plain_torch_oracle(targets, slices, images):
+    model = make_variant("plain")
+    vk.adapt(model, "lora", rank=4, alpha=12.0, targets=targets)
+    randomize_b(model)
+    sd = base_tensors(model)
+    expected = vit_forward(sd, images, heads=4, site=lora_site(sd, 12.0 / 4, slices))
+    with torch.no_grad():
+        out = model(images)
+    assert (expected - make_variant("plain")(images)).abs().max() > 1e-2  # the update changes the logits
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("qkv",)], ids=["qv", "peft"])
+def test_dropout_is_on_the_branch_input(targets):
+    """Train mode, fixed seed: the layer draws one dropout mask on its input x and feeds drop(x) to A only."""
+    model = vk.adapt(make_variant("plain"), "lora", rank=4, targets=targets, dropout=0.5).train()
+    randomize_b(model)
+    layer, x = model.blocks[1].attn.qkv, torch.randn(2, 7, D)
+    sd = {k.replace("base_layer.", ""): v.detach() for k, v in layer.state_dict().items()}
+    slices = ("q", "v") if targets == ("q", "v") else ("default",)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = layer(x)
+        torch.manual_seed(3)
+        dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+        plain = torch.nn.functional.linear(x, sd["weight"], sd["bias"])
+        site = lora_site({f"attn.qkv.{k}": v for k, v in sd.items()}, 8.0 / 4, slices)
+        expected = site("attn.qkv", dropped, plain)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- save after merging (issue 11.1)
+
+@pytest.fixture
+def tiny_file(tmp_path):
+    """A tiny random ViT as a local weights file: vk.load fingerprints it, vk.save writes changed tensors only."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).state_dict(), str(path))
+    return path
+
+
+def randomize_factors(model, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.startswith("head."):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+MERGE_CASES = [
+    pytest.param(dict(), False, id="qv-kept"),
+    pytest.param(dict(targets=("qkv",)), False, id="qkv-kept"),
+    pytest.param(dict(tuner="loha", targets=("qkv", "mlp")), False, id="loha-kept"),
+    pytest.param(dict(), True, id="qv-unload"),
+    pytest.param(dict(targets=("qkv",)), True, id="qkv-unload"),
+]
+
+
+@pytest.mark.parametrize("base", ["full", "file"])
+@pytest.mark.parametrize("kwargs,unload", MERGE_CASES)
+def test_save_after_merge_reproduces_logits(kwargs, unload, base, tiny_file, images, tmp_path):
+    """merge(unload=False) keeps merged layers: the save records it, so loading does not add the update twice."""
+    model = make_variant("plain") if base == "full" else vk.load(tiny_file, arch="vit_tiny_patch16_224", **TINY)
+    model.eval()
+    vk.adapt(model, "lora", **kwargs)
+    randomize_factors(model)
+    with torch.no_grad():
+        unmerged = model(images)
+        lora.merge(model, unload=unload)
+        merged = model(images)
+        loaded = vk.load(vk.save(model, tmp_path / "merged")).eval()
+        torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded(images), merged, atol=0, rtol=0)
+    assert [a.name for a in vk.applied(loaded)] == ([] if unload else ["lora"])
+    if not unload:  # and the loaded layers unmerge to the trained, unmerged model
+        with torch.no_grad():
+            torch.testing.assert_close(lora.unmerge(loaded)(images), unmerged, atol=1e-5, rtol=1e-5)
+            saved = vk.load(vk.save(loaded, tmp_path / "unmerged")).eval()
+            torch.testing.assert_close(saved(images), loaded(images), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- merge is all or nothing (issue 11.7)
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("qkv",)], ids=["qv", "peft"])
+def test_failed_merge_changes_nothing(targets, images):
+    model = vk.adapt(make_variant("plain"), "lora", targets=targets)
+    randomize_b(model)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("blocks.5.") and "lora_B" in n).fill_(float("nan"))
+        model.blocks[0].attn.qkv(torch.randn(1, 2, D))  # block 0 is fine: merged first, so it must be rolled back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError):
+        lora.merge(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) or torch.isnan(v).any() for k, v in before.items())
+    assert len(lora.lora_layers(model)) == L and not any(m.merged for _, m in lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("qkv", "proj", "mlp")], ids=["qv", "peft"])
+def test_merged_keys_are_the_timm_architectures(targets, images):
+    """qkv_bias=False: merging adds no key, so the state dict loads strictly into the same timm architecture."""
+    model = vk.adapt(make_variant("plain", qkv_bias=False), "lora", targets=targets)
+    randomize_b(model)
+    merged = lora.merge(model)
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, qkv_bias=False, **TINY)
+    assert list(merged.state_dict()) == list(fresh.state_dict())
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+
+
+def test_dora_loaded_merged_reproduces_logits_and_refuses_unmerge(images, tmp_path):
+    """DoRA's unmerge needs the pre-merge weight norm, which no save holds: the loaded model refuses it."""
+    model = vk.adapt(make_variant("plain"), "lora", targets=("qkv",), peft_kwargs={"use_dora": True})
+    randomize_factors(model)
+    with torch.no_grad():
+        merged = lora.merge(model, unload=False)(images)
+        loaded = vk.load(vk.save(model, tmp_path / "dora")).eval()
+        torch.testing.assert_close(loaded(images), merged, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="lora: cannot unmerge blocks.0.attn.qkv: a DoRA layer loaded merged"):
+        lora.unmerge(loaded)

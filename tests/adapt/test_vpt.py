@@ -10,6 +10,7 @@ import torch
 
 import vitkit as vk
 from conftest import TINY, VARIANTS, make_variant
+from vit_oracle import base_tensors, vit_forward
 
 D, L, N = TINY["embed_dim"], TINY["depth"], 5
 GRID = (32 // 4) ** 2
@@ -133,6 +134,98 @@ def test_composes_with_token_merging(images):
     assert lengths == [p + N + GRID - 4 * (i + 1) for i in range(L)], lengths
     with torch.no_grad():
         assert model(images).shape == (2, 10)
+
+
+def test_zero_prompts_runs_the_registered_path(images):
+    """n = 0 is not an early return: the hook is registered, the prompt tensor exists (L x 0 x D) and the block
+    input still counts prefix + 0 prompts + patches."""
+    from vitkit.models.runner import get_runner
+
+    model = make_variant("registers")
+    reference = copy.deepcopy(model)
+    vk.adapt(model, "vpt", num_prompts=0, deep=True)
+    assert "vpt" in get_runner(model).owners() and tuple(model.vpt.prompts.shape) == (L, 0, D)
+    calls = []
+    hook = model.vpt.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), atol=0, rtol=0)
+    hook.remove()
+    assert calls == [(2, 0, D)] * L
+
+
+# ---------------------------------------------------------------- init and oracle: plain torch from the spec (P3)
+
+def test_init_is_uniform_with_the_xavier_bound_from_patch_and_width():
+    """Spec: U(-v, v), v = sqrt(6 / (3·p² + D)); p = 4, D = 64: v = sqrt(6 / 112) = 0.2315."""
+    torch.manual_seed(0)
+    model = vk.adapt(make_variant("plain"), "vpt", num_prompts=50, deep=True)
+    v = (6 / (3 * 4 * 4 + D)) ** 0.5
+    p = model.vpt.prompts.detach().flatten()
+    assert p.numel() == L * 50 * D
+    assert p.abs().max() <= v and p.abs().max() > 0.99 * v, (p.abs().max().item(), v)
+    assert abs(p.std().item() - v / 3 ** 0.5) < 0.02 * v, (p.std().item(), v / 3 ** 0.5)  # uniform: std v/sqrt(3)
+    assert abs(p.mean().item()) < 0.02 * v
+    fractions = torch.histc(p, bins=10, min=-v, max=v) / p.numel()  # flat: each tenth of [-v, v] holds ~10%
+    assert (fractions - 0.1).abs().max() < 0.015, fractions
+
+
+def prompt_oracle(prompts):
+    """Block 0: [prefix | Π_0 | patches] (no position embedding); deep: before block i > 0, slots replaced by Π_i."""
+    n = prompts.shape[1]
+
+    def before_block(i, t, p):
+        if i == 0:
+            return torch.cat([t[:, :p], prompts[0].expand(t.shape[0], -1, -1), t[:, p:]], dim=1)
+        if prompts.shape[0] == 1:
+            return t
+        return torch.cat([t[:, :p], prompts[i].expand(t.shape[0], -1, -1), t[:, p + n:]], dim=1)
+    return before_block
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+@pytest.mark.parametrize("name", ["plain", "registers"])
+def test_matches_plain_torch_oracle(name, deep, images):
+    model = vk.adapt(make_variant(name), "vpt", num_prompts=N, deep=deep)
+    with torch.no_grad():
+        model.vpt.prompts.mul_(10)  # prompts that move the logits well above the tolerance
+        out = model(images)
+    sd = base_tensors(model)
+    expected = vit_forward(sd, images, heads=4, before_block=prompt_oracle(sd["vpt.prompts"]), num_prompts=N)
+    assert (expected - make_variant(name)(images)).abs().max() > 1e-3  # 100x the tolerance
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_layout_is_prefix_then_prompts_then_patches(deep, images):
+    """Outputs cannot see where prompts sit (no position embedding); the layout matters to token methods and
+    explainers, so read it: what each block normalises is [cls, registers | prompts | patches]."""
+    model = vk.adapt(make_variant("registers"), "vpt", num_prompts=N, deep=deep)
+    p, inputs = model.num_prefix_tokens, []
+    hooks = [b.norm1.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
+    with torch.no_grad():
+        model(images)
+        plain = make_variant("registers")
+        tokens = plain._pos_embed(plain.patch_embed(images))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(inputs[0][:, :p], tokens[:, :p], atol=0, rtol=0)
+    torch.testing.assert_close(inputs[0][:, p + N:], tokens[:, p:], atol=0, rtol=0)
+    for i in range(L if deep else 1):
+        torch.testing.assert_close(inputs[i][:, p:p + N], model.vpt.prompts[i].expand(2, -1, -1), atol=0, rtol=0)
+
+
+def test_prompt_dropout_on_the_inserted_prompts(images):
+    """Train mode, fixed seed: the prompts are dropped out (one mask per layer's prompts) as they are inserted."""
+    model = vk.adapt(make_variant("plain"), "vpt", num_prompts=N, deep=True, dropout=0.5).train()
+    with torch.no_grad():
+        model.vpt.prompts.mul_(10)
+        torch.manual_seed(5)
+        out = model(images)
+        torch.manual_seed(5)
+        dropped = torch.stack([torch.nn.functional.dropout(model.vpt.prompts[i], 0.5, True) for i in range(L)])
+    sd = base_tensors(model)
+    expected = vit_forward(sd, images, heads=4, before_block=prompt_oracle(dropped), num_prompts=N)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_config():

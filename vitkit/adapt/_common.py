@@ -1,6 +1,10 @@
-"""Helpers shared by adaptation methods: which parameters train."""
+"""Helpers shared by adaptation methods: which parameters train; new modules follow the model."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import torch
 import torch.nn as nn
 
 from vitkit.io import base_key as base_name  # a parameter's name in the base model (PEFT's `base_layer`)
@@ -55,3 +59,30 @@ def forget(model: nn.Module, name: str) -> None:
     from vitkit.registry import applied
 
     applied(model)[:] = [a for a in applied(model) if a.name != name]
+
+
+def like(module: nn.Module, ref: torch.Tensor) -> nn.Module:
+    """`module` moved to the device and (floating) dtype of `ref`, the tensor of the layer it extends: an
+    adapter on a bf16 or fp16 model is bf16 or fp16 too."""
+    return module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+
+
+def first_weight(module: nn.Module) -> torch.Tensor:
+    """The first floating-point parameter of `module` (the reference for `like`)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p
+    raise ValueError(f"{type(module).__name__} has no floating-point parameter to take a device and dtype from")
+
+
+@contextlib.contextmanager
+def new_modules_follow_mode(model: nn.Module) -> Iterator[None]:
+    """Inside the block a method adds modules; on exit each module that was not in `model` before takes the
+    model's current train/eval mode (`nn.Module` starts in train mode, so an adapter added to a model in eval
+    would otherwise run its dropout). Only the flag of new modules is set: wrapped layers keep theirs."""
+    before = list(model.modules())  # held, so that no id below is reused by a new module
+    seen = {id(m) for m in before}
+    yield
+    for module in model.modules():
+        if id(module) not in seen:
+            module.training = model.training

@@ -26,7 +26,7 @@ import torch.nn as nn
 from vitkit.models.runner import BlockContext, get_runner
 from vitkit.registry import register
 
-from ._common import earlier_trainable, freeze_except
+from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,10 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if "adaptformer" in runner.owners():
         raise ValueError("adaptformer: already applied to this model")
     keep = earlier_trainable(model)
-    ref = model.blocks[0].mlp.fc1.weight if hasattr(model.blocks[0].mlp, "fc1") else next(model.parameters())
-    for block in model.blocks:
-        block.adaptformer = Adapter(model.embed_dim, cfg.bottleneck, cfg.scale, cfg.dropout).to(ref.device)
-        block.adaptformer.train(model.training)
+    with new_modules_follow_mode(model):
+        for block in model.blocks:  # on each block's device and dtype (bf16 / fp16 models included)
+            block.adaptformer = like(Adapter(model.embed_dim, cfg.bottleneck, cfg.scale, cfg.dropout),
+                                     first_weight(block))
     runner.add("mlp_parallel", _branch, owner="adaptformer")
     freeze_except(model, keep | {n for n, _ in model.named_parameters() if ".adaptformer." in n}, cfg.train_head)
     return model

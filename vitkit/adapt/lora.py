@@ -17,12 +17,15 @@ Hand-written here, and why: everything but the q/k/v slices goes through PEFT's 
 pass through `peft_kwargs`, and `tuner="loha"` / `"lokr"` swaps in PEFT's LoHa / LoKr on the same targets. The paper's q+v update on a *fused* qkv needs one layer, `QKVLoRA`: per chosen
 slice `A_s (r x D)`, `B_s (D x r)`; the k rows of its weight delta are exactly zero. It keeps the wrapped Linear
 as `base_layer`, so `vk.save` writes only the factors. `merge(model)` folds every LoRA layer into its Linear
-and leaves a plain timm `VisionTransformer`.
+(all or nothing) and leaves a plain timm `VisionTransformer`; `merge(model, unload=False)` keeps the layers and
+records `merged=True` in the config, so a save then load rebuilds merged layers instead of adding the update
+twice. Apply lora before ssf (refused after it).
 
 Differs from the reference: nothing known. Docs: docs/adapt.md. Spec: ../shared/methods/adapt.md P1.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 
 from vitkit.registry import register
 
-from ._common import earlier_trainable, forget, freeze_except
+from ._common import earlier_trainable, forget, freeze_except, new_modules_follow_mode
 
 _log = logging.getLogger("vitkit")
 
@@ -53,6 +56,9 @@ class Config:
     rank: int = field(default=8, metadata={"help": "rank r of every update"})
     alpha: float = field(default=8.0, metadata={"help": "scale numerator: the update is multiplied by alpha / r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the input of the low-rank branch"})
+    merged: bool = field(default=False, metadata={
+        "help": "the layers hold their update merged into the Linear (set by lora.merge(model, unload=False) and "
+                "recorded so that vk.save / vk.load keep that state; unmerge clears it)"})
     targets: tuple[str, ...] = field(default=("q", "v"), metadata={
         "help": "q, k, v (slices of the fused qkv; the paper's q+v is the default), qkv (whole fused layer, "
                 "via PEFT), proj, fc1, fc2, mlp, all-linear, or regular expressions over module names"})
@@ -149,7 +155,11 @@ class QKVLoRA(nn.Module):
     def merge(self) -> None:
         if not self.merged:
             w = self.base_layer.weight
-            w.data = (w.data.float() + self.delta_weight()).to(w.dtype)
+            merged = w.data.float() + self.delta_weight()
+            if not torch.isfinite(merged).all():
+                raise ValueError("lora: merging would put NaN or inf into the qkv weight; the LoRA factors are "
+                                 "not finite")
+            w.data = merged.to(w.dtype)
             self.merged = True
 
     def unmerge(self) -> None:
@@ -216,54 +226,97 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if lora_layers(model):
         raise ValueError("lora: the model already has LoRA layers; merge them first (vitkit.adapt.lora.merge)")
     keep = earlier_trainable(model)
+    wrapped = [(n, m) for n, m in model.named_modules() if n.startswith("blocks.") and hasattr(m, "base_layer")]
+    if wrapped:  # e.g. ssf: its wrappers would hide the Linears (and lora inside them could not merge)
+        raise ValueError(f"lora: {wrapped[0][0]} is a {type(wrapped[0][1]).__name__}, not a Linear; apply lora "
+                         "before methods that wrap Linears (e.g. ssf)")
     slices, names = resolve_targets(model, cfg.targets)
-    wrapped = [i for i, b in enumerate(model.blocks) if slices and not isinstance(b.attn.qkv, nn.Linear)]
-    if wrapped:
-        raise ValueError(f"lora: blocks.{wrapped[0]}.attn.qkv is a {type(model.blocks[wrapped[0]].attn.qkv).__name__}, "
-                         "not a Linear; apply lora before methods that wrap qkv (e.g. ssf)")
     trained: set[str] = set()
-    if names:
-        from peft import inject_adapter_in_model
+    with new_modules_follow_mode(model):
+        if names:
+            from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(peft_config(cfg, names), model)
-        for _, layer in lora_layers(model):  # new layers start in train mode; follow the model's
-            layer.train(model.training)
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}  # PEFT marked its adapters only
-    for block in (model.blocks if slices else []):
-        block.attn.qkv = QKVLoRA(block.attn.qkv, slices, cfg.rank, cfg.alpha, cfg.dropout)
-        block.attn.qkv.train(model.training)
+            inject_adapter_in_model(peft_config(cfg, names), model)
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}  # PEFT marked its adapters only
+        for block in (model.blocks if slices else []):
+            block.attn.qkv = QKVLoRA(block.attn.qkv, slices, cfg.rank, cfg.alpha, cfg.dropout)
     trained |= {f"{n}.{pn}" for n, m in lora_layers(model) if isinstance(m, QKVLoRA)
                 for pn, _ in m.named_parameters() if pn.startswith("lora_")}
     freeze_except(model, keep | trained, train_head=cfg.train_head)
+    if cfg.merged:  # rebuilt from a save of a merged model: the saved Linear weights hold the update already
+        _merge_layers(model)
+        for _, layer in lora_layers(model):
+            layer._vitkit_merged_at_load = True
     _log.info("lora: rank %d on %s", cfg.rank, ", ".join([*(f"{s} slice" for s in slices), *names[:4]])
               + (" ..." if len(names) > 4 else ""))
     return model
 
 
+def _merge_layers(model: nn.Module) -> None:
+    """Merge every unmerged LoRA layer, all or nothing: on any failure every weight is restored exactly."""
+    done = []
+    try:
+        for _, layer in lora_layers(model):
+            if layer.merged:
+                continue
+            base = layer.base_layer if isinstance(layer, QKVLoRA) else layer.get_base_layer()
+            done.append((layer, base, base.weight.data.clone(), None if base.bias is None else base.bias.data.clone()))
+            layer.merge() if isinstance(layer, QKVLoRA) else layer.merge(safe_merge=True)
+    except Exception:
+        for layer, base, weight, bias in done:
+            base.weight.data = weight
+            if bias is not None:
+                base.bias.data = bias
+            if isinstance(layer, QKVLoRA):
+                layer.merged = False
+            else:
+                layer.merged_adapters.clear()
+        raise
+
+
+def _record_merged(model: nn.Module, merged: bool) -> None:
+    """Keep the `lora` entry of the model's method list in step, so that `vk.save` records the merged state."""
+    from vitkit.registry import Applied, applied
+
+    entries = applied(model)
+    for i, entry in enumerate(entries):
+        if entry.name == "lora":
+            entries[i] = Applied("lora", dataclasses.replace(entry.config, merged=merged))
+
+
 def merge(model: nn.Module, unload: bool = True) -> nn.Module:
-    """Fold every LoRA update into its Linear (in float32).
+    """Fold every LoRA update into its Linear (in float32), all or nothing.
 
     Args:
         unload: replace each LoRA layer by its merged Linear, leaving a plain timm `VisionTransformer` (the
             `lora` entry leaves the model's method list). False keeps the layers, merged; `unmerge` undoes it.
+            The merged state is recorded (`merged=True` in the `lora` config), so `vk.save` then `vk.load`
+            rebuilds merged layers and reproduces the outputs instead of adding the update a second time.
     """
+    _merge_layers(model)
+    if not unload:
+        _record_merged(model, True)
+        return model
     for name, layer in lora_layers(model):
-        layer.merge(safe_merge=True) if not isinstance(layer, QKVLoRA) else layer.merge()
-        if unload:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer()
-                    if not isinstance(layer, QKVLoRA) else layer.base_layer)
-    if unload:
-        model.__dict__.pop("peft_config", None)
-        model._modules.pop("peft_config", None)
-        forget(model, "lora")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer()
+                if not isinstance(layer, QKVLoRA) else layer.base_layer)
+    model.__dict__.pop("peft_config", None)
+    model._modules.pop("peft_config", None)
+    forget(model, "lora")
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge(model, unload=False)`: subtract every update from its Linear again."""
+    dora = [n for n, m in lora_layers(model) if getattr(m, "_vitkit_merged_at_load", False) and m.merged
+            and any(getattr(m, "use_dora", {}).values())]
+    if dora:
+        raise ValueError(f"lora: cannot unmerge {dora[0]}: a DoRA layer loaded merged has lost the weight norm "
+                         "that unmerging needs; save the model before merging to keep an unmergeable copy")
     for _, layer in lora_layers(model):
         layer.unmerge()
+    _record_merged(model, False)
     return model
 
 

@@ -11,6 +11,8 @@ they have no position embedding. Deep (`deep=True`) replaces them with the next 
 later block (replace, never accumulate). The token state counts them (`TokenState.num_prompts`), so token
 reduction never touches them and the runner strips them before the final norm, pooling and
 `forward_intermediates`. Fused SDPA is kept. Trainable: prompts (+ the head). Counts: shallow nD, deep LnD.
+`n = 0` registers the same hook with zero prompts (the identity runs the real path). Prompts take the dtype and
+device of the patch embedding.
 
 Hand-written here, and why: PEFT's prompt tuners need a transformers `config` and fail on a timm
 `VisionTransformer`. Differs from the reference: the optional prompt projection is not offered; the frozen
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from vitkit.models.runner import BlockContext, TokenState, get_runner
 from vitkit.registry import register
 
-from ._common import earlier_trainable, freeze_except
+from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
 
 
 @dataclass(frozen=True)
@@ -96,13 +98,12 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if "vpt" in runner.owners() or hasattr(model, "vpt"):
         raise ValueError("vpt: already applied to this model")
     keep = earlier_trainable(model)
-    if cfg.num_prompts > 0:
-        layers = len(model.blocks) if cfg.deep else 1
-        ps = tuple(model.patch_embed.patch_size)
-        device = next(model.parameters()).device
-        model.vpt = Prompts(layers, cfg.num_prompts, model.embed_dim, ps, cfg.dropout).to(device)
-        model.vpt.train(model.training)
-        runner.add("before_block", _before_block, owner="vpt", blocks=None if cfg.deep else [0])
+    layers = len(model.blocks) if cfg.deep else 1
+    ps = tuple(model.patch_embed.patch_size)
+    with new_modules_follow_mode(model):  # n = 0 registers too (0 prompts): the identity runs the same path
+        model.vpt = like(Prompts(layers, cfg.num_prompts, model.embed_dim, ps, cfg.dropout),
+                         first_weight(model.patch_embed))
+    runner.add("before_block", _before_block, owner="vpt", blocks=None if cfg.deep else [0])
     freeze_except(model, keep | {"vpt.prompts"}, cfg.train_head)
     return model
 
