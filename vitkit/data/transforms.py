@@ -55,7 +55,7 @@ class Prepare:
         if key not in self._said:
             self._said.add(key)
             if warn:  # it changes what the model sees: visible from Python, not only in the log
-                warnings.warn(message % args, stacklevel=3)
+                warnings.warn(message % args, stacklevel=2)
             else:
                 _log.info(message, *args)
 

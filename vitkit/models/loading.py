@@ -37,6 +37,7 @@ _log = logging.getLogger("vitkit")
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 EMBEDDED: dict[str, dict] = {}  # name -> {"file": packaged path, "model_args": {...}}; filled by vitkit.assets
+ASSUMED_EPS = {"torch-multihead-attention": 1e-5, "huggingface-vit": 1e-12, "huggingface-vit-v5": 1e-12}
 DATA_KEYS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")  # preprocessing kept in pretrained_cfg
 
 
@@ -90,6 +91,10 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
             model.__dict__["_vitkit_base"].update(kind="embedded", name=source, pretrained=True)
         set_data_config(model, **{**entry.get("data_config", {}), **data})
         return model
+    folder_weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+    if path.is_dir() and folder_weights and not (path / io.MANIFEST).is_file() \
+            and not (path / "adapter_config.json").is_file():
+        path = folder_weights[0]  # a `save_pretrained` folder: the weights, with the config.json beside them
     if path.is_dir():
         return io.load_dir(path, base=base, **({"num_classes": num_classes} if num_classes is not None else {}),
                            **data, **timm_kwargs)
@@ -245,6 +250,10 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
         except ValueError as err:
             raise type(err)(f"{path.name}: {err}") from None
         model_args.update(given, num_classes=classes)
+        if layout.startswith("huggingface") and "norm_eps" not in given:  # (MHA: torch's own LayerNorm default)
+            warnings.warn(f"{path.name}: LayerNorm eps assumed {ASSUMED_EPS[layout]:g} (the {layout} default); "
+                          "pass norm_eps= or keep the model's config.json beside the weights if it differs",
+                          stacklevel=3)
         _log.log(logging.INFO if say_inferred else logging.DEBUG, "%s: %s layout; inferred %s", path.name, layout,
                  ", ".join(notes))
         model = build_vit(model_args)
@@ -406,7 +415,7 @@ def infer_arch(sd: dict[str, torch.Tensor], layout: str = "timm", given: Optiona
     else:
         args["global_pool"] = "token"
     notes.append(f"pool {args['global_pool']}")
-    eps = {"torch-multihead-attention": 1e-5, "huggingface-vit": 1e-12, "huggingface-vit-v5": 1e-12}.get(layout)
+    eps = ASSUMED_EPS.get(layout)
     if eps is not None and "norm_eps" not in given:
         args["norm_eps"] = eps
         notes.append(f"LayerNorm eps {eps:g} ({layout} default)")
@@ -470,7 +479,7 @@ def module_base(model: nn.Module) -> dict:
     if isinstance(model, VisionTransformer):
         args = {"num_classes": model.num_classes, "img_size": list(model.patch_embed.img_size),
                 "global_pool": model.global_pool}
-        if getattr(model.patch_embed, "dynamic_img_size", False):
+        if getattr(model, "dynamic_img_size", False):
             args["dynamic_img_size"] = True
     return {"kind": "module", "name": f"{arch}.{tag}" if arch and tag else arch, "pretrained": None,
             "model_args": args}
