@@ -3,6 +3,7 @@ vitkit did not load, preprocessing that travels with the model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -87,10 +88,14 @@ def _two_saves(tmp_path):
 def test_a_crash_between_the_two_writes_keeps_the_previous_save(tmp_path, monkeypatch):
     model, first = _two_saves(tmp_path)
 
-    def crash(*_):
-        raise KeyboardInterrupt("killed after weights.safetensors was written")
+    write_text = Path.write_text
 
-    monkeypatch.setattr(io, "_sha256", crash)  # called when the manifest is written, after the weights
+    def crash(self, *args, **kwargs):
+        if "vitkit.json" in self.name:  # the manifest is written second, after weights.safetensors
+            raise KeyboardInterrupt("killed after weights.safetensors was written")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", crash)
     with pytest.raises(KeyboardInterrupt):
         vk.save(model, tmp_path / "m")
     monkeypatch.undo()
@@ -100,7 +105,7 @@ def test_a_crash_between_the_two_writes_keeps_the_previous_save(tmp_path, monkey
 
 def test_without_an_atomic_exchange_the_second_save_replaces_the_first(tmp_path, monkeypatch):
     model, first = _two_saves(tmp_path)
-    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # file systems without renameat2
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False, raising=False)  # file systems without renameat2
     vk.save(model, tmp_path / "m")
     torch.testing.assert_close(_logits(vk.load(tmp_path / "m"), torch.ones(1, 3, 32, 32)),
                                _logits(model, torch.ones(1, 3, 32, 32)), atol=1e-6, rtol=0)
@@ -194,3 +199,20 @@ def test_embedded_data_config_can_be_overridden_at_load():
 def test_bad_preprocessing_is_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         vk.load("vitkit/vit-tiny-cifar", **kwargs)
+
+
+def test_a_timm_model_save_without_base_needs_the_hub_or_a_base(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    model = _timm_model()
+    vk.adapt(model, "lora")
+    vk.save(model, tmp_path / "m")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(vk.models.HubUnreachableError, match=r"pass the base: vk.load\(.*, base=model\)"):
+        vk.load(tmp_path / "m")
+
+
+def test_shamail_without_num_heads_is_an_error_not_a_guess():
+    with pytest.raises(ValueError, match=r"best_vit.pth: the head count cannot be inferred .*num_heads="):
+        vk.load(require(SHAMAIL))

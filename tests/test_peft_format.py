@@ -118,3 +118,11 @@ def test_merged_lora_is_refused(tmp_path):
 def test_unknown_format_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="`format` must be 'vitkit' or 'peft', got 'onnx'"):
         vk.save(_base(), tmp_path / "a", format="onnx")
+
+
+def test_a_peft_adapter_on_a_conv_is_refused_by_name(tmp_path):
+    peft_model = get_peft_model(_base(), LoraConfig(r=2, target_modules=["proj"]))  # also patch_embed.proj (Conv2d)
+    peft_model.save_pretrained(tmp_path / "p")
+    with pytest.raises(NotImplementedError, match=r"targets patch_embed.proj \(Conv2d\), which vitkit's lora does "
+                                                  "not wrap"):
+        vk.load(tmp_path / "p", base=_base())

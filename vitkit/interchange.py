@@ -168,7 +168,8 @@ def load_peft(path: str | os.PathLike, base: Any = None, **load_kwargs) -> nn.Mo
                          f"{head['head.weight'].shape[0]}")
 
     targets = config["target_modules"]
-    targets = (targets,) if isinstance(targets, str) else tuple(rf"(.*\.)?{re.escape(t)}" for t in targets)
+    targets = (targets,) if isinstance(targets, str) else tuple(rf"(.*\.)?{re.escape(t)}"
+                                                                for t in sorted(targets, key=_natural))
     peft_kwargs = {k: config[k] for k in SUPPORTED_FIELDS if config.get(k) not in (None, False, {})}
     fields: dict[str, Any] = dict(rank=config["r"], targets=targets, peft_kwargs=peft_kwargs,
                                   tuner=TUNERS[peft_type], train_head=bool(head))
@@ -186,6 +187,15 @@ def load_peft(path: str | os.PathLike, base: Any = None, **load_kwargs) -> nn.Mo
     result = set_peft_model_state_dict(model, tensors)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k or "hada_" in k or "lokr_" in k]
+    modules = dict(model.named_modules())
+    others = sorted({m for k in unexpected if (m := re.sub(r"\.(lora_\w+|hada_\w+|lokr_\w+)(\..*)?$", "", k)) in modules
+                     and not isinstance(modules[m], nn.Linear)})
+    if others:
+        raise NotImplementedError(f"{path}: the adapter targets {', '.join(others[:3])} "
+                                  f"({type(modules[others[0]]).__name__}), which vitkit's lora does not wrap (it "
+                                  "wraps Linear layers); load it with PEFT's PeftModel.from_pretrained, or target "
+                                  "the Linears only (e.g. 'attn.proj' instead of 'proj', which also matches "
+                                  "patch_embed.proj)")
     if unexpected or missing:
         raise ValueError(f"{path}: the adapter's tensors do not fit the base: unexpected {unexpected[:4]} "
                          f"({len(unexpected)}), missing {missing[:4]} ({len(missing)})")
