@@ -18,6 +18,7 @@ the wall time of each save and load.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -73,6 +74,16 @@ def logits(model, x) -> torch.Tensor:
         return model.eval()(x)
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix == ".safetensors")
 
@@ -121,10 +132,11 @@ def main() -> None:
     lines = [
         f"# PEFT round trip on `{args.model}` (random init, {args.img} px, {args.classes} classes)",
         "",
-        f"Command: `PYTHONPATH=$PWD python benchmarks/peft_roundtrip.py --out benchmarks/results/peft_roundtrip.md`"
+        "Command: `PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/peft_roundtrip.py --out "
+        "benchmarks/results/peft_roundtrip.md`"
         f" ({args.steps} AdamW steps at lr {args.lr} on random batches of {args.batch} per adapter; logits on 8 "
         "random images).",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"Machine: {cpu_name()} ({os.cpu_count()} cores, shared), {torch.get_num_threads()} torch thread(s), "
         f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
         f"peft {peft.__version__}, vitkit {vk.__version__}.",
         "",
@@ -134,7 +146,9 @@ def main() -> None:
     for label, direction, diff, change, size, ts, tl in rows:
         lines.append(f"| {label} | {direction} | {diff:.2e} | {change:.3f} | {size:,} | {ts:.2f} | {tl:.2f} |")
     lines += ["", "A diff at or below 1e-5 passes (the acceptance bound); the adapter's change is the max abs "
-              "difference between the adapted and the untouched base's logits, so the diff is not trivially 0."]
+              "difference between the adapted and the untouched base's logits, so the diff is not trivially 0. Save and "
+              "load times are wall times on a shared machine; vitkit's include the digest of every base tensor "
+              "(the check that a base is the one the adapter was made on)."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -61,15 +61,23 @@ def base_key(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-def changed_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
-    """Tensors to save (those that differ from the base) and whether that is the whole model."""
+def changed_state(model: nn.Module, digests: dict | None = None) -> tuple[dict[str, torch.Tensor], bool]:
+    """Tensors to save (those that differ from the base) and whether that is the whole model. `digests`, when
+    given, is filled with the digest of every tensor kept unsaved (keyed as in the base)."""
     from .models.loading import tensor_digest
 
     hashes = model.__dict__.get("_vitkit_base_hashes")
     state = model.state_dict()
     if hashes is None:
         return state, True
-    return {k: v for k, v in state.items() if hashes.get(base_key(k)) != tensor_digest(v)}, False
+    changed = {}
+    for k, v in state.items():
+        digest = tensor_digest(v)
+        if hashes.get(base_key(k)) != digest:
+            changed[k] = v
+        elif digests is not None:
+            digests[base_key(k)] = digest
+    return changed, False
 
 
 def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> Path:
@@ -99,7 +107,8 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> P
         base = loading.module_base(model)
         tensors, full = model.state_dict(), True
     else:
-        tensors, full = changed_state(model)
+        unsaved: dict[str, str] = {}
+        tensors, full = changed_state(model, unsaved)
     manifest = {
         "format": FORMAT,
         "vitkit_version": __version__,
@@ -110,7 +119,7 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> P
         "data_config": loading.data_config_of(model),
     }
     if not full:
-        manifest["base_tensors"] = loading.unsaved_hashes(model.state_dict(), set(tensors))
+        manifest["base_tensors"] = unsaved
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
     def write_manifest(tmp: str) -> None:
