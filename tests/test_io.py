@@ -216,3 +216,14 @@ def test_a_timm_model_save_without_base_needs_the_hub_or_a_base(tmp_path, monkey
 def test_shamail_without_num_heads_is_an_error_not_a_guess():
     with pytest.raises(ValueError, match=r"best_vit.pth: the head count cannot be inferred .*num_heads="):
         vk.load(require(SHAMAIL))
+
+
+def test_save_into_an_existing_empty_folder_and_through_a_symlink(tmp_path):
+    model = vk.load("vitkit/vit-tiny-cifar")
+    (tmp_path / "empty").mkdir()
+    vk.save(model, tmp_path / "empty")
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    vk.save(model, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "vitkit.json").is_file()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(_logits(vk.load(tmp_path / "link"), x), _logits(model, x), atol=1e-6, rtol=0)

@@ -135,6 +135,8 @@ def write_folder(path: str | os.PathLike, writers: dict[str, Callable[[str], Non
     RENAME_EXCHANGE; where the system lacks it, two renames, with the previous save kept beside until the
     second is done). An existing `path` must hold nothing but an earlier save."""
     path = Path(path)
+    if path.is_symlink():  # replace the folder it points to, not the link
+        path = path.resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(f"vk.save: {path} is a file; pass a folder path")
     if path.is_dir():

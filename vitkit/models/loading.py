@@ -315,6 +315,8 @@ def side_config(path: Path) -> dict:
             out["source"] = f"{config_file.name} (timm)"
             out["arch"] = cfg["architecture"]
             out["model_args"] = dict(cfg.get("model_args") or {})
+            if cfg.get("global_pool") is not None:
+                out["model_args"].setdefault("global_pool", cfg["global_pool"])
             out["num_classes"] = cfg.get("num_classes")
             pcfg = cfg.get("pretrained_cfg") or {}
             out["data"] = {k: tuple(v) if isinstance(v, list) else v for k, v in pcfg.items() if k in DATA_KEYS}
