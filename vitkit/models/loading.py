@@ -76,8 +76,12 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
     path = Path(source).expanduser()
     data = {k: v for k, v in dict(mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct).items()
             if v is not None}
+    folder_weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+    if path.is_dir() and folder_weights and not (path / io.MANIFEST).is_file() \
+            and not (path / "adapter_config.json").is_file():
+        path = folder_weights[0]  # a `save_pretrained` folder: the weights, with the config.json beside them
     if base is not None and not path.is_dir():
-        raise TypeError(f"vk.load: `base=` is for a vk.save or PEFT adapter folder; `{source}` is not a folder")
+        raise TypeError(f"vk.load: `base=` is for a vk.save or PEFT adapter folder; `{source}` is not one")
     if source in EMBEDDED:
         entry = EMBEDDED[source]
         args = {**entry["model_args"], **timm_kwargs}
@@ -91,10 +95,6 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
             model.__dict__["_vitkit_base"].update(kind="embedded", name=source, pretrained=True)
         set_data_config(model, **{**entry.get("data_config", {}), **data})
         return model
-    folder_weights = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
-    if path.is_dir() and folder_weights and not (path / io.MANIFEST).is_file() \
-            and not (path / "adapter_config.json").is_file():
-        path = folder_weights[0]  # a `save_pretrained` folder: the weights, with the config.json beside them
     if path.is_dir():
         return io.load_dir(path, base=base, **({"num_classes": num_classes} if num_classes is not None else {}),
                            **data, **timm_kwargs)
