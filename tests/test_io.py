@@ -227,3 +227,22 @@ def test_save_into_an_existing_empty_folder_and_through_a_symlink(tmp_path):
     assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "vitkit.json").is_file()
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(_logits(vk.load(tmp_path / "link"), x), _logits(model, x), atol=1e-6, rtol=0)
+
+
+def test_cli_train_on_a_two_class_folder_then_info(tmp_path, capsys):
+    """The issue's reproduction: `vitkit train vitkit/vit-tiny-cifar --data <2 classes> --method lora`, then
+    `vitkit info <out>/model` (failed with "not the same weights": the recorded num_classes was dropped)."""
+    from vitkit.cli import main
+    from conftest import CIFAR_JPEG
+
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for f in sorted((require(CIFAR_JPEG) / c).glob("*.jpg"))[:8]:
+            (tmp_path / "data" / c / f.name).symlink_to(f)
+    assert main(["train", "vitkit/vit-tiny-cifar", "--data", str(tmp_path / "data"), "--method", "lora",
+                 "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress",
+                 "--model-arg", "dynamic_img_size=True"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "run" / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "258 head" in out and "dynamic size" in out  # 2 classes: 128 x 2 + 2; dynamic_img_size kept
