@@ -137,6 +137,10 @@ def apply(model: nn.Module, name: str, *, kind: Optional[str] = None, **config) 
         raise ValueError(f"`{name}` is an {method.kind} method; call vk.{method.kind}(model, {name!r}, ...) "
                          f"or vk.apply(model, {name!r}, ...)")
     cfg = make_config(method, **config)
+    if "_vitkit_base" not in model.__dict__:  # a model vitkit did not load: fingerprint it for vk.save
+        from .models.loading import record_module_base
+
+        record_module_base(model)
     model = method.apply(model, cfg)
     applied(model).append(Applied(name, cfg))
     return model

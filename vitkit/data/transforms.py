@@ -17,6 +17,7 @@ through the same resize and crop.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -41,11 +42,6 @@ def data_config(model: nn.Module, **overrides: Any) -> dict:
             cfg["crop_pct"] = 1.0
     if not getattr(model, "pretrained_cfg", None):
         cfg["crop_pct"] = 1.0
-    base = model.__dict__.get("_vitkit_base") or {}
-    if base.get("kind") == "embedded":  # vitkit's own checkpoints record the data config they were trained with
-        from vitkit.models.loading import EMBEDDED
-
-        cfg.update(EMBEDDED.get(base.get("name"), {}).get("data_config", {}))
     cfg.update(overrides)
     return cfg
 
@@ -59,15 +55,18 @@ class Prepare:
         self.resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(interpolation, Image.BICUBIC)
         self._said: set[str] = set()
 
-    def _say(self, key: str, message: str, *args) -> None:
+    def _say(self, key: str, message: str, *args, warn: bool = False) -> None:
         if key not in self._said:
             self._said.add(key)
-            _log.info(message, *args)
+            if warn:  # it changes what the model sees: visible from Python, not only in the log
+                warnings.warn(message % args, stacklevel=2)
+            else:
+                _log.info(message, *args)
 
     def __call__(self, image: Image.Image) -> Image.Image:
         if image.mode != self.mode:
             self._say(f"mode{image.mode}", "images are %s (%d channel(s)): converted to %s for the model",
-                      image.mode, len(image.getbands()), self.mode)
+                      image.mode, len(image.getbands()), self.mode, warn=True)
             image = image.convert(self.mode)
         return self.resize(image)
 

@@ -2,7 +2,8 @@
 
 Each converter is pure (state dict in, state dict out) and handles one layout; `to_timm` picks one by sniffing
 keys. timm's own `checkpoint_filter_fn` is reused for the layouts it knows (timm, DeiT, DINO/DINOv2, OpenAI
-CLIP, OpenCLIP-timm), so only the Hugging Face `ViTModel` and `nn.MultiheadAttention` layouts are written here.
+CLIP, OpenCLIP-timm), so only the Hugging Face `ViTModel` (transformers 4 files and transformers 5 `state_dict()`
+names) and `nn.MultiheadAttention` layouts are written here.
 """
 from __future__ import annotations
 
@@ -101,6 +102,49 @@ def from_hf_vit(sd: State) -> State:
     return out
 
 
+def is_hf_vit_v5(sd: State) -> bool:
+    """transformers 5 in-memory names: `vit.layers.N.attention.q_proj`, `mlp.fc1` (files keep the 4.x names)."""
+    return is_hf_vit(sd) and any(re.search(r"(^|\.)layers\.\d+\.attention\.q_proj\.weight$", k) for k in sd)
+
+
+def from_hf_vit_v5(sd: State) -> State:
+    """transformers 5 `ViTModel` / `ViTForImageClassification.state_dict()` -> timm (q, k, v fused into `qkv`)."""
+    sd = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in sd.items()}
+    out: State = {}
+    simple = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+        "classifier.weight": "head.weight",
+        "classifier.bias": "head.bias",
+    }
+    layer = {"attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+             "layernorm_before": "norm1", "layernorm_after": "norm2"}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key in simple:
+            out[simple[key]] = value
+            continue
+        m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if m is None:
+            if key.startswith("pooler.") or key == "embeddings.mask_token":
+                continue  # timm ViTs have no tanh pooler; the mask token is for masked pre-training only
+            out[key] = value
+            continue
+        i, name, kind = int(m.group(1)), m.group(2), m.group(3)
+        qm = re.match(r"attention\.(q|k|v)_proj$", name)
+        if qm:
+            qkv.setdefault((i, kind), {})[qm.group(1)] = value
+        else:
+            out[f"blocks.{i}.{layer.get(name, name)}.{kind}"] = value
+    for (i, kind), parts in qkv.items():
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
 def is_mha(sd: State) -> bool:
     return any(k.endswith(".in_proj_weight") for k in sd)
 
@@ -148,6 +192,8 @@ def from_mha(sd: State) -> State:
 def to_timm(sd: State) -> tuple[State, str]:
     """Convert a state dict to timm keys; returns (state dict, name of the layout detected)."""
     refuse_torch_encoder_layer(sd)
+    if is_hf_vit_v5(sd):
+        return from_hf_vit_v5(sd), "huggingface-vit-v5"
     if is_hf_vit(sd):
         return from_hf_vit(sd), "huggingface-vit"
     if is_mha(sd) and not any(k.startswith("visual.") for k in sd):  # OpenAI CLIP is timm's to convert
