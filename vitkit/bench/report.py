@@ -240,13 +240,23 @@ def results_section(rows: list[dict], folder) -> str:
         lines.append(f"Task `{task}`: " + ", ".join(f"{a} train / {b} evaluation images" for a, b in sizes) + ".")
     if ft:
         budgets = _unique(json.dumps({k: v for k, v in (r.get("settings") or {}).get("budget", {}).items()
-                                      if k in ("epochs", "batch_size", "grid", "val")}, sort_keys=True) for r in ft)
+                                      if k in ("epochs", "batch_size", "val")}, sort_keys=True) for r in ft)
         for b in budgets:
             b = json.loads(b)
+            mine = [r for r in ft if all((r.get("settings") or {}).get("budget", {}).get(k) == v for k, v in b.items())]
+            grids = {}
+            for r in mine:
+                grid = tuple((r.get("settings") or {}).get("budget", {}).get("grid") or ())
+                kind = "full fine-tuning" if r["chain"] == "baseline" or "acc_pre_post" in r else "adapters"
+                kinds = grids.setdefault(grid, [])
+                if kind not in kinds:
+                    kinds.append(kind)
+            tuned = "; ".join(f"{list(g)} for {' and '.join(kinds)}" for g, kinds in grids.items() if g)
+            lrs = _unique(_lr(r) for r in mine if not r.get("tune"))
             lines.append(f"Fine-tune budget: {b.get('epochs')} epochs, batch {b.get('batch_size')}"
-                         + (f", learning rate tuned on a validation split ({100 * b['val']:.0f} % of each class's "
-                            f"train images) over {b['grid']}, then retrained on all train images" if b.get("grid")
-                            else "") + ".")
+                         + (f"; learning rate tuned on a validation split ({100 * b['val']:.0f} % of each class's "
+                            f"train images) over {tuned}, then retrained on all train images" if tuned else "")
+                         + (f"; untuned: {', '.join(lrs)}" if lrs else "") + ".")
     lines.append("")
     for task in tasks:
         lines += [f"### {task}: selected rows", "",
