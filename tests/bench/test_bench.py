@@ -287,7 +287,8 @@ def test_ray_executor_matches_serial_and_a_crashed_worker_is_a_row(tmp_path, rec
     monkeypatch.setattr(bench_run, "run_cell", crash)
     import ray
 
-    ray.init(num_cpus=2, resources={bench_run.NODE_RESOURCE: 1}, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=2, resources={"vitkit_node": 1},  # the node resource perf cells take whole
+             include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
         result = bench(recipe(resources={"max_retries": 0}), out=tmp_path / "ray", executor="ray", progress=False)
