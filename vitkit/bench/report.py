@@ -310,6 +310,10 @@ def results_section(rows: list[dict], folder) -> str:
             lines.append(f"Chains that cut FLOPs ({', '.join(names)}): {_range([1 - r['flops_ratio'] for r in cut], '.0f', 100)} % "
                          f"fewer FLOPs at {_range([r['speedup'] for r in cut], '.2f')}× the baseline's images/s "
                          f"(batch {_range([r.get('batch') for r in cut], '.0f')}, {len(cut)} perf cells).")
+        selves = [r["speedup"] for (b, c), r in perf.items() if c == "baseline"]
+        if selves:
+            lines.append(f"Timing noise: each baseline timed against itself reads {_range(selves, '.2f')}× "
+                         "(compare throughput ratios against that spread).")
         dep = [r for r in perf.values() if r.get("flops_input_dependent")]
         if dep:
             lines.append("Input-dependent FLOPs (" + ", ".join(_unique(r["chain"] for r in dep)) + "): mean over the "
