@@ -12,6 +12,7 @@ library runs backbone x method x protocol grids with these outputs (see bench.md
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -338,7 +339,7 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
         transform = vk.data.transform(model, **cell.backbone.data)
         # probe cells of one (backbone, chain, task, seed, device) share their frozen features
         shared = json.dumps([cell.backbone.name, cell.backbone.weights_sha256, cell.chain.canonical(),
-                             cell.task.name, cell.seed, device], default=str)
+                             dataclasses.asdict(cell.task), cell.seed, device], default=str)
         if shared not in _FEATURE_CACHE:
             _FEATURE_CACHE.clear()  # one entry: cells of a (backbone, chain) run one after another
             _FEATURE_CACHE[shared] = (_features(model, train.with_transform(transform), cell),
