@@ -280,13 +280,11 @@ def _crash_on_bitfit(cell, *args, **kwargs):
 def test_ray_executor_matches_serial_and_a_crashed_worker_is_a_row(tmp_path, recipe, monkeypatch):
     """Issue 12.9: local Ray (2 CPUs); one worker dies with os._exit: that cell is an error row, the others
     match the local executor, and the report is written."""
-    pytest.importorskip("ray", reason="Ray is part of the test environment (constraints.txt); install it")
+    import ray  # part of the test environment (constraints.txt): never skipped
     serial = bench(recipe(), out=tmp_path / "serial", progress=False)
     crash = _crash_on_bitfit
     crash.__module__ = "__main__"  # cloudpickle ships it by value, so the worker needs no test module
     monkeypatch.setattr(bench_run, "run_cell", crash)
-    import ray
-
     ray.init(num_cpus=2, resources={"vitkit_node": 1},  # the node resource perf cells take whole
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
