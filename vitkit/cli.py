@@ -80,7 +80,7 @@ def _run_methods(args: argparse.Namespace) -> None:
 
     table = Table(title="vitkit methods")
     for column in ("name", "kind", "config (default)", "what it is"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # long defaults wrap onto the next line, never truncated
     for method in vk.methods(args.kind):
         fields = "\n".join(f"{n}={d!r}  {h}" for n, _, d, h in method.fields()) or "-"
         table.add_row(method.name, method.kind, fields, method.doc)

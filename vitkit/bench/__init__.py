@@ -3,9 +3,9 @@
 Spec: ../shared/methods/bench.md. `vk.bench(recipe, out=...)` runs the grid (resumable, failures recorded as
 rows, optional Ray executor) and writes rows.jsonl, results.md/json and plots.
 """
-from .recipe import Backbone, Budget, Cell, Recipe, Task, load_recipe, parse_chain
+from .recipe import Backbone, Budget, Cell, Chain, Recipe, RecipeError, Task, load_recipe, make_chain, parse_chain
 from .report import markdown, zscores
 from .run import BenchResult, bench, dry_run, read_rows
 
-__all__ = ["Backbone", "Budget", "Cell", "Recipe", "Task", "load_recipe", "parse_chain", "markdown", "zscores",
-           "BenchResult", "bench", "dry_run", "read_rows"]
+__all__ = ["Backbone", "Budget", "Cell", "Chain", "Recipe", "RecipeError", "Task", "load_recipe", "make_chain",
+           "parse_chain", "markdown", "zscores", "BenchResult", "bench", "dry_run", "read_rows"]

@@ -4,7 +4,9 @@ Throughput: random input, warm-up, then rounds that alternate baseline and model
 least `min_iters` iterations and `min_seconds`; the median over rounds is reported with the spread. Memory: the
 peak one forward allocates on top of the weights; CUDA `max_memory_allocated` after `reset_peak_memory_stats`;
 on CPU, where torch keeps no allocator statistics, the running sum of the profiler's per-op allocations and
-frees (`profile_memory=True`), in time order (never compared with CUDA; `mem_kind` says which). FLOPs: `vitkit.info.count_gmacs` (eager attention while counting).
+frees (`profile_memory=True`), in time order (never compared with CUDA; `mem_kind` says which). FLOPs
+(`flops_over`): counted with eager attention on real evaluation images, per image: the mean, minimum and
+maximum (input-dependent token methods such as ATS keep a per-image token count). A CUDA out-of-memory error is left to the caller, which halves the batch.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from vitkit.info import count_gmacs
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitkit.info import frozen_eval
 from vitkit.models.layout import token_layout
 
 
@@ -101,15 +105,47 @@ def compare(baseline: nn.Module, model: nn.Module, *, batch: int = 8, device: st
             latency.append(1000 * (time.perf_counter() - start))
     mem, mem_kind = peak_memory_mib(model, x, device)
     base_mem, _ = peak_memory_mib(baseline, x, device)
-    input_size = tuple(x.shape[1:])
-    gmacs, base_gmacs = count_gmacs(model, input_size), count_gmacs(baseline, input_size)
     ips, base_ips = statistics.median(speeds["model"]), statistics.median(speeds["baseline"])
     return {
         "batch": batch, "device": device, "threads": torch.get_num_threads(),
         "throughput_ips": ips, "throughput_spread": [min(speeds["model"]), max(speeds["model"])],
         "baseline_ips": base_ips, "speedup": ips / base_ips,
         "latency_ms_b1": statistics.median(latency),
-        "gmacs": gmacs, "gflops": 2 * gmacs, "flops_method": "eager-attn", "flops_ratio": gmacs / base_gmacs,
+        "flops_method": "eager-attn",
         "peak_mem_mib": mem, "baseline_peak_mem_mib": base_mem, "mem_ratio": mem / base_mem if base_mem else None,
         "mem_kind": mem_kind,
     }
+
+
+def _count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
+    """Multiply-accumulates (1e9) of one forward of `x` (all images together), attention on the eager path."""
+    attns = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in attns]
+    try:
+        for m in attns:
+            m.fused_attn = False
+        with frozen_eval(model), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m, s in zip(attns, saved):
+            m.fused_attn = s
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def flops_over(model: nn.Module, images: torch.Tensor, chunk: int = 64, probe: int = 8) -> dict:
+    """GMACs per image over `images` (N, C, H, W): mean, min, max, n and whether they depend on the input.
+
+    Each image is counted alone (a batched count of a per-image token method such as ATS includes the padding
+    to the batch's widest image). When the first `probe` images all count the same and a batched count of
+    every image equals that too, the count is the same for all (one count stands for all); otherwise every
+    image is counted alone."""
+    device = next(model.parameters()).device
+    images = images.to(device)
+    first = [_count_gmacs(model, images[i:i + 1]) for i in range(min(probe, len(images)))]
+    if len(set(first)) == 1:
+        total = sum(_count_gmacs(model, images[i:i + chunk]) for i in range(0, len(images), chunk))
+        if abs(total / len(images) - first[0]) <= 1e-9 * max(1.0, abs(first[0])):
+            return {"mean": first[0], "min": first[0], "max": first[0], "n": len(images), "input_dependent": False}
+    each = first + [_count_gmacs(model, images[i:i + 1]) for i in range(len(first), len(images))]
+    return {"mean": sum(each) / len(each), "min": min(each), "max": max(each), "n": len(images),
+            "input_dependent": True}

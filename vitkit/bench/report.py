@@ -11,16 +11,21 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-ACC_PROTOCOLS = ("linear", "knn", "finetune")
+ACC_PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval")
+COLUMN = {"linear": "linear", "knn": "knn", "finetune": "finetune", "fewshot": "fewshot (± std)",
+          "retrieval": "retrieval MAP@R"}
 
 
 def _latest_ok(rows: list[dict]) -> list[dict]:
-    """The last `ok` row per key, plus error rows of keys that never succeeded."""
-    by_key: dict[str, dict] = {}
+    """One row per cell (backbone, chain, task, protocol, seed): the last `ok` row of its last key (a changed
+    recipe gives the cell a new key; older rows are kept in the file but not reported), else its last error."""
+    by_cell: dict[tuple, dict] = {}
     for row in rows:
-        if row["status"] == "ok" or by_key.get(row["key"], {}).get("status") != "ok":
-            by_key[row["key"]] = row
-    return list(by_key.values())
+        cell = (row["backbone"], row["chain"], row["task"], row["protocol"], row["seed"])
+        old = by_cell.get(cell)
+        if old is None or old["key"] != row["key"] or row["status"] == "ok" or old["status"] != "ok":
+            by_cell[cell] = row
+    return list(by_cell.values())
 
 
 def zscores(rows: list[dict]) -> tuple[list[tuple[str, str, float, int]], list[tuple[str, str]]]:
@@ -50,15 +55,28 @@ def _fmt(value, spec: str = ".3f", scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
+def _acc_text(row: dict) -> str:
+    return f"{row['acc']:.3f} ± {row['acc_std']:.3f}" if row.get("acc_std") is not None else f"{row['acc']:.3f}"
+
+
+def _gmacs_text(perf: dict) -> str:
+    if perf.get("gmacs") is None:
+        return "-"
+    if perf.get("flops_input_dependent"):
+        return f"{perf['gmacs']:.4f} ({perf['gmacs_min']:.4f}–{perf['gmacs_max']:.4f})"
+    return f"{perf['gmacs']:.4f}"
+
+
 def markdown(rows: list[dict]) -> str:
     rows = _latest_ok(rows)
     perf = {(r["backbone"], r["chain"]): r for r in rows if r["protocol"] == "perf" and r["status"] == "ok"}
     lines = []
+    protocols = [p for p in ACC_PROTOCOLS if any(r["protocol"] == p for r in rows)]
     for task in sorted({r["task"] for r in rows if r["protocol"] != "perf"}):
         lines += [f"## {task}", "",
-                  "| backbone | chain | linear | knn | finetune | Δ finetune | params (M) | trainable | adapter (KB) "
-                  "| GMACs | img/s (×) | peak MiB | OOD mean |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| backbone | chain | " + " | ".join(COLUMN[p] for p in protocols) + " | Δ finetune | params (M) "
+                  "| trainable | adapter (KB) | GMACs (min–max) | img/s (×) | peak MiB | OOD mean |",
+                  "|---|---|" + "---|" * len(protocols) + "---|---|---|---|---|---|---|---|"]
         entries: dict[tuple, dict[str, dict]] = defaultdict(dict)
         for r in rows:
             if r["task"] == task:
@@ -66,8 +84,8 @@ def markdown(rows: list[dict]) -> str:
         baseline_ft = {b: e.get("finetune", {}).get("acc") for (b, c), e in entries.items() if c == "baseline"}
         for (backbone, chain), cells in sorted(entries.items(), key=lambda kv: (kv[0][0], kv[0][1] != "baseline",
                                                                                    kv[0][1])):
-            acc = {p: (cells[p]["acc"] if cells[p]["status"] == "ok" else "error") if p in cells else None
-                   for p in ACC_PROTOCOLS}
+            acc = {p: (_acc_text(cells[p]) if cells[p]["status"] == "ok" else "error") if p in cells else None
+                   for p in protocols}
             ft = cells.get("finetune", {})
             base = baseline_ft.get(backbone)
             delta = ft["acc"] - base if ft.get("status") == "ok" and base is not None else None
@@ -77,7 +95,7 @@ def markdown(rows: list[dict]) -> str:
             cols = [backbone, chain] + [a if isinstance(a, str) else _fmt(a) for a in acc.values()] + [
                 _fmt(delta, "+.3f"), _fmt(any_cell.get("params"), ".2f", 1e-6),
                 "-" if not ft.get("trainable_params") else f"{ft['trainable_params']:,} ({100 * ft['trainable_frac']:.1f}%)",
-                _fmt(ft.get("adapter_bytes"), ".1f", 1 / 1024), _fmt(p.get("gmacs"), ".4f"),
+                _fmt(ft.get("adapter_bytes"), ".1f", 1 / 1024), _gmacs_text(p),
                 "-" if not p else f"{p['throughput_ips']:.0f} ({p['speedup']:.2f}×)", _fmt(p.get("peak_mem_mib"), ".2f"),
                 _fmt(max(ood) if ood else None)]
             lines.append("| " + " | ".join(cols) + " |")
@@ -126,7 +144,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
                 elif kind == "acc_vs_trainable" and r["protocol"] == "finetune":
                     points.append((max(r["trainable_params"], 1), r["acc"], r))
             for x, y, r in points:
-                marker = {"linear": "o", "knn": "s", "finetune": "^"}[r["protocol"]]
+                marker = {"linear": "o", "knn": "s", "finetune": "^", "fewshot": "v", "retrieval": "D"}[r["protocol"]]
                 ax.scatter(x, y, marker=marker)
                 ax.annotate(f"{r['backbone']}/{r['chain']}/{r['protocol']}", (x, y), fontsize=6)
             if kind == "pareto_acc_throughput" and points:
@@ -155,3 +173,185 @@ def write(out: Path, rows: list[dict]) -> None:
     (out / "results.md").write_text(markdown(rows))
     (out / "results.json").write_text(json.dumps(_latest_ok(rows), indent=1, sort_keys=True, default=str))
     plot(rows, out / "plots")
+
+
+# ---------------------------------------------------------------------------------------------- RESULTS.md
+SECTION_END = "<!-- end of generated bench section -->"
+
+
+def _section_start(folder) -> str:
+    return f"<!-- generated by `vitkit bench report {folder} --into FILE` from {folder}/rows.jsonl: edit the rows' recipe, not this text -->"
+
+
+def _range(values, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    lo, hi = format(min(values) * scale, spec), format(max(values) * scale, spec)
+    return f"{lo}{unit}" if lo == hi else f"{lo}–{hi}{unit}"
+
+
+def _unique(values) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def results_section(rows: list[dict], folder) -> str:
+    """The Markdown section RESULTS.md shows for one bench run folder, every figure computed from its rows."""
+    folder = str(folder)
+    rows = _latest_ok(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    acc = [r for r in ok if r["protocol"] != "perf"]
+    perf = {(r["backbone"], r["chain"]): r for r in ok if r["protocol"] == "perf"}
+    backbones = _unique(r["backbone"] for r in rows)
+    chains = _unique(r["chain"] for r in rows if r["chain"] != "baseline")
+    tasks = _unique(r["task"] for r in rows if r["protocol"] != "perf")
+    protocols = [p for p in ACC_PROTOCOLS if any(r["protocol"] == p for r in rows)]
+    fps = _unique(json.dumps({k: v for k, v in (r.get("fingerprint") or {}).items() if k != "vitkit"}, sort_keys=True)
+                  for r in ok)
+    commits = _unique(r.get("git_commit") for r in rows if r.get("git_commit"))
+    n_err = sum(r["status"] == "error" for r in rows)
+    cell_s = sum(r.get("seconds", 0.0) for r in rows)
+    span = max((r["started"] + r.get("seconds", 0.0) for r in rows), default=0) - min((r["started"] for r in rows),
+                                                                                      default=0)
+    lines = [_section_start(folder), "",
+             f"## `vitkit bench`: {len(backbones)} backbones x {len(chains)} chains x {' / '.join(protocols)}"
+             f" on {', '.join(tasks)}", "",
+             f"Rows: `{folder}/rows.jsonl`, {len(rows)} cells ({len(rows) - len(perf) - sum(r['status'] == 'error' and r['protocol'] == 'perf' for r in rows)} accuracy, "
+             f"{sum(r['protocol'] == 'perf' for r in rows)} perf), {n_err} failed; full table: `{folder}/results.md`, "
+             f"plots: `{folder}/plots/`. Cell time {cell_s / 60:.1f} min in all; first cell start to last cell end "
+             f"{span / 60:.1f} min.", ""]
+    for fp in fps:
+        f = json.loads(fp)
+        lines.append(f"Machine (from the rows): {f.get('device')} `{f.get('device_name')}`, {f.get('threads')} torch "
+                     f"threads, torch {f.get('torch')}, timm {f.get('timm')}, Python {f.get('python')}.")
+    if commits:
+        lines.append(f"vitkit commit: {', '.join(f'`{c}`' for c in commits)}.")
+    lines.append("")
+    lines.append("Backbones (weights SHA-256): " + "; ".join(
+        f"{b} ({next((r.get('weights_sha256') for r in rows if r['backbone'] == b and r.get('weights_sha256')), None) or 'random init'})"[:90]
+        for b in backbones) + ".")
+    ft = [r for r in acc if r["protocol"] == "finetune"]
+    for task in tasks:
+        sizes = _unique((r.get("n_train"), r.get("n_eval")) for r in acc if r["task"] == task)
+        lines.append(f"Task `{task}`: " + ", ".join(f"{a} train / {b} evaluation images" for a, b in sizes) + ".")
+    if ft:
+        budgets = _unique(json.dumps({k: v for k, v in (r.get("settings") or {}).get("budget", {}).items()
+                                      if k in ("epochs", "batch_size", "val")}, sort_keys=True) for r in ft)
+        for b in budgets:
+            b = json.loads(b)
+            mine = [r for r in ft if all((r.get("settings") or {}).get("budget", {}).get(k) == v for k, v in b.items())]
+            grids = {}
+            for r in mine:
+                grid = tuple((r.get("settings") or {}).get("budget", {}).get("grid") or ())
+                kind = "full fine-tuning" if r["chain"] == "baseline" or "acc_pre_post" in r else "adapters"
+                kinds = grids.setdefault(grid, [])
+                if kind not in kinds:
+                    kinds.append(kind)
+            tuned = "; ".join(f"{list(g)} for {' and '.join(kinds)}" for g, kinds in grids.items() if g)
+            lrs = _unique(_lr(r) for r in mine if not r.get("tune"))
+            lines.append(f"Fine-tune budget: {b.get('epochs')} epochs, batch {b.get('batch_size')}"
+                         + (f"; learning rate tuned on a validation split ({100 * b['val']:.0f} % of each class's "
+                            f"train images) over {tuned}, then retrained on all train images" if tuned else "")
+                         + (f"; untuned: {', '.join(lrs)}" if lrs else "") + ".")
+    lines.append("")
+    for task in tasks:
+        lines += [f"### {task}: selected rows", "",
+                  "| backbone | " + " | ".join(p for p in ("linear", "knn") if p in protocols)
+                  + " | full fine-tune (lr) | best PEFT fine-tune (trainable, lr) | best post-training chain (Δ vs full) |",
+                  "|---|" + "---|" * len([p for p in ("linear", "knn") if p in protocols]) + "---|---|---|"]
+        for b in backbones:
+            mine = [r for r in acc if r["backbone"] == b and r["task"] == task]
+            cols = [b]
+            for p in ("linear", "knn"):
+                if p in protocols:
+                    r = next((r for r in mine if r["protocol"] == p and r["chain"] == "baseline"), None)
+                    cols.append(_fmt(r and r["acc"]))
+            full = next((r for r in mine if r["protocol"] == "finetune" and r["chain"] == "baseline"), None)
+            cols.append("-" if full is None else f"{full['acc']:.3f} ({_lr(full)})")
+            peft = [r for r in mine if r["protocol"] == "finetune" and r["chain"] != "baseline"
+                    and "acc_pre_post" not in r]
+            best = max(peft, key=lambda r: (r["acc"], r["chain"]), default=None)
+            cols.append("-" if best is None else
+                        f"{best['chain']} {best['acc']:.3f} ({best['trainable_params']:,}, {_lr(best)})")
+            post = [r for r in mine if r["protocol"] == "finetune" and "acc_pre_post" in r]
+            bp = max(post, key=lambda r: (r["acc"], r["chain"]), default=None)
+            cols.append("-" if bp is None else f"{bp['chain']} {bp['acc']:.3f} ({bp['acc'] - bp['acc_pre_post']:+.3f})")
+            lines.append("| " + " | ".join(cols) + " |")
+        lines.append("")
+    tuned = [r for r in ft if r.get("tune")]
+    if tuned:
+        grid = _unique(k for r in tuned for k in r["tune"])
+        lines += ["### Learning rates chosen on the validation split", "",
+                  "| backbone | chain | " + " | ".join(f"val acc @ {g}" for g in grid) + " | chosen | test acc |",
+                  "|---|---|" + "---|" * len(grid) + "---|---|"]
+        for r in sorted(tuned, key=lambda r: (backbones.index(r["backbone"]), r["chain"] != "baseline", r["chain"])):
+            if "acc_pre_post" in r:
+                continue
+            lines.append(f"| {r['backbone']} | {r['chain']} | "
+                         + " | ".join(_fmt(r["tune"].get(g)) for g in grid) + f" | {r['lr']:g} | {r['acc']:.3f} |")
+        lines.append("")
+    if perf:
+        lines += ["### Cost against the baseline of the same backbone, measured in the same perf cell", "",
+                  "| backbone | chain | GMACs / image (min–max) | FLOPs vs baseline | img/s | throughput vs baseline "
+                  "| peak MiB |", "|---|---|---|---|---|---|---|"]
+        for (b, c), r in sorted(perf.items(), key=lambda kv: (backbones.index(kv[0][0]), kv[0][1] != "baseline",
+                                                               kv[0][1])):
+            lines.append(f"| {b} | {c} | {_gmacs_text(r)} | {100 * (r['flops_ratio'] - 1):+.1f} % | "
+                         f"{r['throughput_ips']:.0f} | {r['speedup']:.2f}× | {r['peak_mem_mib']:.2f} |")
+        lines.append("")
+        # a summary per kind of chain, computed: which chains change FLOPs, by how much, at what speed
+        cut = [r for (b, c), r in perf.items() if c != "baseline" and r["flops_ratio"] < 1 - 1e-9]
+        if cut:
+            names = _unique(c for (b, c), r in perf.items() if c != "baseline" and r["flops_ratio"] < 1 - 1e-9)
+            lines.append(f"Chains that cut FLOPs ({', '.join(names)}): {_range([1 - r['flops_ratio'] for r in cut], '.0f', 100)} % "
+                         f"fewer FLOPs at {_range([r['speedup'] for r in cut], '.2f')}× the baseline's images/s "
+                         f"(batch {_range([r.get('batch') for r in cut], '.0f')}, {len(cut)} perf cells).")
+        selves = [r["speedup"] for (b, c), r in perf.items() if c == "baseline"]
+        if selves:
+            lines.append(f"Timing noise: each baseline timed against itself reads {_range(selves, '.2f')}× "
+                         "(compare throughput ratios against that spread).")
+        dep = [r for r in perf.values() if r.get("flops_input_dependent")]
+        if dep:
+            lines.append("Input-dependent FLOPs (" + ", ".join(_unique(r["chain"] for r in dep)) + "): mean over the "
+                         f"first {_range([r['flops_images'] for r in dep], '.0f')} evaluation images, minimum–maximum in "
+                         "brackets.")
+        lines.append("")
+    errors = [r for r in rows if r["status"] == "error"]
+    if errors:
+        lines += ["### Failed cells", "", "| backbone | chain | task | protocol | error |", "|---|---|---|---|---|"]
+        lines += [f"| {r['backbone']} | {r['chain']} | {r['task']} | {r['protocol']} | "
+                  f"{r['error'].replace('|', '/')[:160]} |" for r in errors]
+        lines.append("")
+    lines += ["Definitions: accuracy is top-1 on the evaluation images (fewshot: mean ± std over draws; retrieval: "
+              "MAP@R of evaluation queries against the train gallery). *Trainable* counts the parameters `vk.fit` "
+              "trained; *adapter* is the bytes of those tensors as one safetensors file (what a task adds to its "
+              "backbone; the whole model for full fine-tuning). *Post-training chains* are applied to the "
+              "fine-tuned baseline without retraining; Δ is against that model before the chain. GMACs are counted "
+              "with eager attention on evaluation images; images/s and peak memory (CPU: the profiler's per-op "
+              "allocations of one forward, on top of the weights) are measured in the same perf cell, baseline "
+              "and chain alternating.", "", SECTION_END]
+    return "\n".join(lines) + "\n"
+
+
+def _lr(row: dict) -> str:
+    lr = row.get("lr")
+    source = row.get("lr_source", "recipe")
+    return f"lr {'default' if lr is None else format(lr, 'g')}{', tuned' if source == 'tuned' else ''}"
+
+
+def splice_section(path: Path, folder, rows: list[dict]) -> None:
+    """Replace this folder's generated section of `path` (or append it), leaving every other section alone."""
+    text = path.read_text() if path.exists() else ""
+    start = _section_start(folder)
+    section = results_section(rows, folder)
+    if start in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(SECTION_END, 1)[1].lstrip("\n") if SECTION_END in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    path.write_text(text)
