@@ -99,3 +99,24 @@ def test_no_ats_blocks_runs_the_registered_path_and_is_identity(name, images):
     assert "ats" in vk.get_runner(model).owners(), "blocks=() must register ATS (identity through its path)"
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- algorithm edge cases (mutation survivors)
+
+
+def test_significance_is_attention_times_value_norm_normalised():
+    from vitkit.tokens import ats_algo
+
+    torch.manual_seed(5)
+    a, v = torch.rand(6) * 0.1, torch.rand(6, 8) * 0.1  # raw scores sum far below 1
+    raw = a * v.pow(2).sum(1).sqrt()
+    torch.testing.assert_close(ats_algo.significance(a, v), raw / raw.sum())
+
+
+@pytest.mark.parametrize("n,K,expected", [(0, 65, 0), (1, 65, 1), (5, 2, 1)])
+def test_sampling_edge_cases(n, K, expected):
+    from vitkit.tokens import ats_algo
+
+    torch.manual_seed(6)
+    picked = ats_algo.inverse_transform_sample(torch.rand(n).softmax(0), K)
+    assert picked.dtype == torch.long and picked.shape == (expected,), picked

@@ -95,3 +95,15 @@ def test_keep_rate_one_runs_the_registered_path_and_is_identity(name, images):
     assert len(model.blocks[1].attn.q_norm._forward_hooks) == 1  # the class-query tap of a drop_loc block
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- algorithm edge cases (mutation survivors)
+
+
+@pytest.mark.parametrize("fuse,dropped_to", [(True, 4), (False, -1)])
+def test_dropped_tokens_map_to_the_fused_token_or_nowhere(fuse, dropped_to):
+    from vitkit.tokens import evit_algo
+
+    kept, dropped = torch.tensor([[1, 4, 5]]), torch.tensor([[2, 3]])
+    new = evit_algo.new_positions(kept, dropped, 1, 6, fuse)
+    assert new.tolist() == [[0, 1, dropped_to, dropped_to, 2, 3]]

@@ -135,3 +135,15 @@ def test_reducing_blocks_are_eager_others_fused():
     model = make_variant("plain")
     vk.accelerate(model, "gtp", num_prop=4, blocks=(1, 2))
     assert [b.attn.fused_attn for b in model.blocks] == [True, False, False, True, True, True]
+
+
+def test_semantic_graph_is_cosine_whatever_the_token_norms():
+    torch.manual_seed(4)
+    x = torch.randn(2, 20, 8)
+    scale = torch.rand(2, 20, 1) * 0.5 + 1e-3  # norms well below 1
+    assert torch.equal(algo.semantic_graph(x * scale, 5), algo.semantic_graph(x, 5))
+
+
+def test_semantic_graph_with_fewer_tokens_than_neighbours():
+    g = algo.semantic_graph(torch.randn(1, 5, 8), 8)  # every other token is a neighbour
+    assert torch.equal(g[0], 1 - torch.eye(5))

@@ -92,3 +92,26 @@ def test_schedule(r, inflect, depth, expected):
 def test_token_counts_apply_the_cap():
     assert algo.token_counts(65, 1, [40, 40, 40]) == [33, 17, 9]
     assert algo.token_counts(197, 1, [13] * 12)[-1] == 197 - 13 * 12
+
+
+# ---------------------------------------------------------------- edge cases (mutation-testing survivors)
+
+
+def test_no_merge_below_two_candidates():
+    assert algo.max_r(2, 1) == 0 and algo.max_r(1, 1) == 0 and algo.max_r(3, 1) == 1
+    assert algo.bipartite_soft_matching(torch.randn(2, 2, 4), 5, 1) is None  # one patch token: nothing to merge
+
+
+def test_schedule_defaults_and_short_models():
+    assert algo.schedule(3, 4) == [4, 4, 4]  # default: constant
+    assert algo.schedule(1, 5, -1.0) == [5]  # one block: no ramp
+    assert algo.schedule(2, 4, -1.0) == [8, 0]
+
+
+def test_compose_source_without_prefix_tokens():
+    # no class token (P = 0): patch 0 is token 0, a valid source like any other; -1 (dropped) stays dropped
+    new = torch.tensor([[2, 0, -1, 1]])
+    source = algo.compose_source(None, new, 0, 4)
+    assert source.tolist() == [[2, 0, -1, 1]]
+    again = algo.compose_source(source, torch.tensor([[1, 0, 0]]), 0, 4)
+    assert again.tolist() == [[0, 1, -1, 0]]
