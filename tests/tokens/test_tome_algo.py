@@ -36,15 +36,32 @@ def test_weighted_merge_formula_and_sizes():
     match = algo.bipartite_soft_matching(torch.randn(B, N, 4), 3, P)
     out, out_sizes = algo.merge_weighted(x, sizes, match)
     assert out.shape == (B, N - 3, C)
-    new = algo.new_positions(match, N)
-    for b in range(B):  # dense recomputation: every new token = size-weighted mean of the old ones mapping to it
-        for j in range(N - 3):
-            members = (new[b] == j).nonzero().flatten()
+    for b in range(B):  # by hand from the match (not from new_positions): [prefix, kept A, B + its A sources]
+        a_pos, b_pos = match.a_idx.tolist(), match.b_idx.tolist()
+        groups = [[i] for i in range(P)] + [[a_pos[i]] for i in match.unm[b].tolist()]
+        groups += [[j] + [a_pos[i] for i, d in zip(match.src[b].tolist(), match.dst[b].tolist()) if d == t]
+                   for t, j in enumerate(b_pos)]
+        assert len(groups) == N - 3 and sorted(sum(groups, [])) == list(range(N))
+        for j, members in enumerate(groups):
             w = sizes[b, members]
             torch.testing.assert_close(out[b, j], (x[b, members] * w).sum(0) / w.sum(), atol=1e-6, rtol=1e-6)
             assert out_sizes[b, j].item() == w.sum().item()
     assert torch.equal(out[:, :P], x[:, :P])
-    assert torch.equal(new[:, :P], torch.arange(P).expand(B, P))
+
+
+def test_new_positions_follow_the_merge():
+    torch.manual_seed(3)
+    B, P, N = 2, 1, 11
+    match = algo.bipartite_soft_matching(torch.randn(B, N, 4), 3, P)
+    new = algo.new_positions(match, N)
+    n_unm = match.unm.shape[1]
+    for b in range(B):
+        a_pos, b_pos = match.a_idx.tolist(), match.b_idx.tolist()
+        expected = {i: i for i in range(P)}
+        expected.update({a_pos[i]: P + r for r, i in enumerate(match.unm[b].tolist())})
+        expected.update({j: P + n_unm + t for t, j in enumerate(b_pos)})
+        expected.update({a_pos[i]: P + n_unm + d for i, d in zip(match.src[b].tolist(), match.dst[b].tolist())})
+        assert new[b].tolist() == [expected[i] for i in range(N)]
 
 
 def test_source_map_counts_equal_sizes_after_several_merges():
@@ -75,3 +92,26 @@ def test_schedule(r, inflect, depth, expected):
 def test_token_counts_apply_the_cap():
     assert algo.token_counts(65, 1, [40, 40, 40]) == [33, 17, 9]
     assert algo.token_counts(197, 1, [13] * 12)[-1] == 197 - 13 * 12
+
+
+# ---------------------------------------------------------------- edge cases (mutation-testing survivors)
+
+
+def test_no_merge_below_two_candidates():
+    assert algo.max_r(2, 1) == 0 and algo.max_r(1, 1) == 0 and algo.max_r(3, 1) == 1
+    assert algo.bipartite_soft_matching(torch.randn(2, 2, 4), 5, 1) is None  # one patch token: nothing to merge
+
+
+def test_schedule_defaults_and_short_models():
+    assert algo.schedule(3, 4) == [4, 4, 4]  # default: constant
+    assert algo.schedule(1, 5, -1.0) == [5]  # one block: no ramp
+    assert algo.schedule(2, 4, -1.0) == [8, 0]
+
+
+def test_compose_source_without_prefix_tokens():
+    # no class token (P = 0): patch 0 is token 0, a valid source like any other; -1 (dropped) stays dropped
+    new = torch.tensor([[2, 0, -1, 1]])
+    source = algo.compose_source(None, new, 0, 4)
+    assert source.tolist() == [[2, 0, -1, 1]]
+    again = algo.compose_source(source, torch.tensor([[1, 0, 0]]), 0, 4)
+    assert again.tolist() == [[0, 1, -1, 0]]

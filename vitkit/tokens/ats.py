@@ -106,9 +106,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     runner = get_runner(model)
     _common.require_class_token(model, NAME)
     _common.refuse_second(model, NAME)
-    blocks = ats_blocks(model, cfg)
-    if not blocks:
-        return model
+    blocks = ats_blocks(model, cfg)  # blocks=() still registers (the padding bias runs everywhere, samples nowhere)
     _common.add_taps(model, blocks, {"q_norm": "ats.q", "k_norm": "ats.k", "qkv": "ats.qkv"})
     runner.add("attn_bias", _common.size_bias, owner=NAME)  # -inf on padding slots (size 0)
     runner.add("after_attn", functools.partial(_sample, num_samples=cfg.num_samples), owner=NAME, blocks=blocks)

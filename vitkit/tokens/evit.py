@@ -92,7 +92,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     _common.require_class_token(model, NAME)
     _common.refuse_second(model, NAME)
     blocks = drop_blocks(model, cfg)
-    if cfg.keep_rate >= 1.0 or not blocks:
+    if not blocks:  # keep_rate = 1 still registers: every block keeps all tokens (identity tested)
         return model
     _common.add_taps(model, blocks, {"q_norm": "evit.q", "k_norm": "evit.k"})
     runner.add("after_attn", functools.partial(_reduce, keep_rate=cfg.keep_rate, fuse=cfg.fuse_token),

@@ -129,7 +129,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
         raise ValueError(f"{NAME}: `blocks` {bad} out of range for a model with {depth} blocks")
-    if cfg.num_prop == 0 or not blocks:
+    if not blocks:  # num_prop = 0 still registers: eager attention, graph and ranking run, nothing dropped
         return model
     for i in blocks:  # the ranking needs the full attention matrix: timm's eager path, tapped after softmax
         model.blocks[i].attn.fused_attn = False

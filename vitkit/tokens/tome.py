@@ -111,8 +111,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     _common.refuse_second(model, NAME)
     r = per_block_r(model, cfg)
     blocks = [i for i, v in enumerate(r) if v > 0]
-    if not blocks:
-        return model
+    blocks = blocks or list(range(len(r)))  # r = 0: registered all the same, merging nothing (identity tested)
     _common.add_taps(model, blocks, {"k_norm": "tome.k"})
     if cfg.prop_attn:
         runner.add("attn_bias", _common.size_bias, owner=NAME)
