@@ -22,7 +22,8 @@ Marker convention (also in docs/architecture.md, "Docs are tests"):
 * Quoted output: a plain ```` ``` ```` (or `text`/`console`) block separated from a runnable block by blank
   lines only is what that block prints. Every line of it that holds a figure must appear, in order, in
   what the block prints, with the same figures; timings (`12.3 s`, `(64 s)`, `1 min 12 s`, `img/s`) and
-  the folders of absolute paths are not compared.
+  the folders of absolute paths are not compared. Such a block runs with OMP_NUM_THREADS=1: training
+  figures depend on the thread count (a doc that quotes them shows the pin in its command).
 * A non-runnable block whose first line is `# NAME.yaml` (or .yml/.json/.txt/.csv) is written to NAME in
   the folder of every later block of the same page (so a recipe shown in YAML is the file the next
   command reads).
@@ -211,6 +212,8 @@ def run_block(block: Block, cwd: Path) -> subprocess.CompletedProcess:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", MPLBACKEND="Agg", COLUMNS="120",
                PYTHONWARNINGS=env.get("PYTHONWARNINGS", "default"))
+    if block.output is not None:  # quoted figures of a training run depend on the thread count
+        env["OMP_NUM_THREADS"] = "1"
     if block.kind == "python":
         script, cmd = cwd / "block.py", [sys.executable, "block.py"]
     else:
