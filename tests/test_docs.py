@@ -223,11 +223,11 @@ def run_block(block: Block, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("block", collect())
-def test_docs_block(block: Block, tmp_path: Path, record_property):
+def test_docs_block(block: Block, tmp_path: Path, request):
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = run_block(block, workspace(tmp_path, block))
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    record_property("cpu_s", round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1))
+    request.node.user_properties.append(("cpu_s", round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1)))
     printed = proc.stdout + proc.stderr
     tail = "\n".join(printed.splitlines()[-25:])
     if HUB.search(block.source()):
