@@ -1,0 +1,273 @@
+"""The docs are tests: every fenced ```python and ```bash block of README.md and docs/*.md runs, offline.
+
+Each block runs on its own, in a fresh temporary folder laid out like the repository root (copies of
+`scripts/`, `benchmarks/`, `tests/`, an empty `docs/img/`, and `../shared` pointing at the real shared
+data when it exists), with this checkout's `vitkit` (PYTHONPATH) and the test's virtual environment first
+on PATH (so `vitkit ...` and `python` are the venv's), and HF_HUB_OFFLINE=1. A block passes when it exits 0
+and, where the docs quote what it prints, when the figures it prints are those quoted.
+
+Marker convention (also in docs/architecture.md, "Docs are tests"):
+
+* ```` ```python ```` / ```` ```bash ```` (or `sh`, `shell`) blocks run; any other fence (yaml, text, plain
+  ```` ``` ````) is illustrative and never runs.
+* `# needs the hub` (a comment anywhere in the block): the block loads from the model hub; offline it must
+  fail with the documented message (`... the model hub is unreachable ...`), which is what is checked.
+* `# slow` (a comment line starting with `slow`, e.g. `# slow: about 1 min on 2 cores`): the test is
+  marked `pytest.mark.slow` (still run in CI).
+* `# continues the block above` (a comment on the block's first line): the previous block of the same
+  language on the same page runs first, in the same process (its own continuation included).
+* `<!-- docs-test: skip REASON -->` on the line before the fence: not run (the README's setup commands,
+  an hour-long training run); reported as skipped with the reason. `<!-- docs-test: slow -->` there is
+  the same as a `# slow` comment, for blocks where a visible comment would distract a reader.
+* Quoted output: a plain ```` ``` ```` (or `text`/`console`) block separated from a runnable block by blank
+  lines only is what that block prints. Every line of it that holds a figure must appear, in order, in
+  what the block prints, with the same figures; timings (`12.3 s`, `(64 s)`, `1 min 12 s`, `img/s`) and
+  the folders of absolute paths are not compared. Such a block runs with OMP_NUM_THREADS=1: training
+  figures depend on the thread count (a doc that quotes them shows the pin in its command).
+* A non-runnable block whose first line is `# NAME.yaml` (or .yml/.json/.txt/.csv) is written to NAME in
+  the folder of every later block of the same page (so a recipe shown in YAML is the file the next
+  command reads).
+* A block that mentions `../shared` is skipped when the shared data folder is absent.
+"""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+RUNNABLE = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
+OUTPUT = {"", "text", "console", "output"}
+COPIED = ("scripts", "benchmarks", "tests")
+HUB_MESSAGE = "the model hub is unreachable"
+TIMEOUT_S = 900
+
+FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
+MARKER = re.compile(r"<!--\s*docs-test:\s*(?P<what>skip|slow)\b\s*(?P<reason>.*?)\s*-->")
+SLOW = re.compile(r"^\s*#\s*slow\b", re.M)
+HUB = re.compile(r"#.*\bneeds the hub\b")
+CONTINUES = re.compile(r"^\s*#\s*continues the block above\b")
+FILE = re.compile(r"^\s*#\s*(?P<name>[\w.-]+\.(?:ya?ml|json|txt|csv))\s*$")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    lang: str
+    code: str
+    skip: str | None = None
+    output: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # files written by earlier blocks of the page
+    previous: "Block | None" = None  # for `# continues the block above`
+    slow: bool = False  # `<!-- docs-test: slow -->` before the fence
+
+    def __repr__(self) -> str:
+        return f"Block({self.id}, {self.lang})"
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(REPO)}:{self.line}"
+
+    @property
+    def kind(self) -> str:
+        return RUNNABLE[self.lang]
+
+    def source(self) -> str:
+        """The code run for this block: the chain of blocks it continues, then its own."""
+        if CONTINUES.match(self.code):
+            if self.previous is None:
+                raise ValueError(f"{self.id}: `# continues the block above` but no {self.lang} block precedes it")
+            return self.previous.source() + "\n" + self.code
+        return self.code
+
+
+def parse(page: Path) -> list[Block]:
+    """Every fenced block of a page, with its markers, quoted output and the files named before it."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    raw, i = [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, fence, lang = len(m["indent"]), m["fence"], m["lang"].lower()
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            j += 1
+        body = "\n".join(line[indent:] if line[:indent].strip() == "" else line for line in lines[i + 1:j])
+        before = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
+        marker = MARKER.search(before)
+        raw.append((i + 1, j + 1, lang, body + "\n", marker))
+        i = j + 1
+    blocks, files, last = [], {}, {}
+    for n, (start, end, lang, body, marker) in enumerate(raw):
+        if lang in RUNNABLE:
+            block = Block(page, start, lang, body, files=dict(files), previous=last.get(RUNNABLE[lang]))
+            if marker and marker["what"] == "skip":
+                block.skip = marker["reason"] or "marked skip"
+            block.slow = bool(marker and marker["what"] == "slow")
+            nxt = raw[n + 1] if n + 1 < len(raw) else None
+            if nxt and nxt[2] in OUTPUT and all(not s.strip() for s in _page_lines(page)[end:nxt[0] - 1]):
+                block.output = nxt[3]
+            blocks.append(block)
+            last[block.kind] = block
+        else:
+            first = body.splitlines()[0] if body.strip() else ""
+            m = FILE.match(first)
+            if m:
+                files[m["name"]] = body
+    return blocks
+
+
+_LINES: dict[Path, list[str]] = {}
+
+
+def _page_lines(page: Path) -> list[str]:
+    if page not in _LINES:
+        _LINES[page] = page.read_text(encoding="utf-8").splitlines()
+    return _LINES[page]
+
+
+def collect() -> list:
+    params = []
+    for page in PAGES:
+        for block in parse(page):
+            marks = []
+            if block.slow or SLOW.search(block.source()):
+                marks.append(pytest.mark.slow)
+            if block.skip:
+                marks.append(pytest.mark.skip(reason=f"docs-test skip: {block.skip}"))
+            elif "../shared" in block.source() and not SHARED.is_dir():
+                marks.append(pytest.mark.skip(reason=f"shared data folder not found: {SHARED}"))
+            params.append(pytest.param(block, id=block.id, marks=marks))
+    return params
+
+
+# ---- comparing quoted output ------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
+TIMING = re.compile(r"(?:\d+ min )?\d[\d,]*(?:\.\d+)?\s*(?:img/s|ms|s|min)\b|\(\d+ s\)")
+ABSDIR = re.compile(r"(?<![\w./])/(?:[\w.-]+/)+")
+
+
+def _normalise(line: str) -> str:
+    line = ABSDIR.sub("<dir>/", line)
+    return TIMING.sub("<t>", line)
+
+
+def _skeleton(line: str) -> str:
+    return " ".join(NUMBER.sub("#", line).split())
+
+
+def compare_output(quoted: str, printed: str) -> list[str]:
+    """Problems (empty: none): each quoted line with a figure must be printed, in order, with its figures."""
+    printed_lines = [_normalise(s) for s in printed.splitlines()]
+    problems, pos = [], 0
+    for want in quoted.splitlines():
+        norm = _normalise(want)
+        figures = NUMBER.findall(norm)
+        if not figures:
+            continue
+        skeleton = _skeleton(norm)
+        hit = next((k for k in range(pos, len(printed_lines)) if _skeleton(printed_lines[k]) == skeleton), None)
+        if hit is None:
+            problems.append(f"quoted line not printed: {want.strip()!r}")
+            continue
+        got = NUMBER.findall(printed_lines[hit])
+        if got != figures:
+            problems.append(f"figures differ: docs {want.strip()!r} / printed {printed_lines[hit].strip()!r}")
+        pos = hit + 1
+    return problems
+
+
+# ---- running a block ---------------------------------------------------------------------------------------
+
+def workspace(tmp_path: Path, block: Block) -> Path:
+    """A folder laid out like the repository root, next to `shared`, with the page's named files."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in COPIED:
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "cells", "*.pyc"))
+    (root / "docs" / "img").mkdir(parents=True)
+    if SHARED.is_dir():
+        (tmp_path / "shared").symlink_to(SHARED.resolve(), target_is_directory=True)
+    for name, text in block.files.items():
+        (root / name).write_text(text)
+    return root
+
+
+def run_block(block: Block, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE", MPLBACKEND="Agg", COLUMNS="120",
+               PYTHONWARNINGS=env.get("PYTHONWARNINGS", "default"))
+    if block.output is not None:  # quoted figures of a training run depend on the thread count
+        env["OMP_NUM_THREADS"] = "1"
+    if block.kind == "python":
+        script, cmd = cwd / "block.py", [sys.executable, "block.py"]
+    else:
+        script, cmd = cwd / "block.sh", ["bash", "-eo", "pipefail", "block.sh"]
+    script.write_text(block.source())
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("block", collect())
+def test_docs_block(block: Block, tmp_path: Path, request):
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = run_block(block, workspace(tmp_path, block))
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    request.node.user_properties.append(("cpu_s", round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1)))
+    printed = proc.stdout + proc.stderr
+    tail = "\n".join(printed.splitlines()[-25:])
+    if HUB.search(block.source()):
+        assert proc.returncode != 0 and HUB_MESSAGE in printed, (
+            f"{block.id} is marked `# needs the hub`: offline it should fail with {HUB_MESSAGE!r}; "
+            f"exit {proc.returncode}, printed:\n{tail}")
+        return
+    assert proc.returncode == 0, f"{block.id} failed (exit {proc.returncode}):\n{tail}"
+    if block.output is not None:
+        problems = compare_output(block.output, proc.stdout + proc.stderr)
+        assert not problems, f"{block.id}: output differs from the docs:\n" + "\n".join(problems) + f"\n---\n{tail}"
+
+
+# ---- the harness itself ------------------------------------------------------------------------------------
+
+def test_harness_parses_markers(tmp_path: Path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- docs-test: skip setup -->\n```bash\nbash setup.sh\n```\n\n"
+        "```yaml\n# r.yaml\na: 1\n```\n<!-- docs-test: slow -->\n"
+        "```python\n# slow\nx = 1\nprint(x, '2.5 s')\n```\n\n```\n1 9.0 s\n```\n"
+        "```python\n# continues the block above\nprint(x + 1)\n```\n"
+        "  ```bash\n  echo hi\n  ```\n")
+    b = parse(page)
+    assert [x.line for x in b] == [2, 11, 20, 24], [x.line for x in b]
+    assert b[0].skip == "setup" and b[1].skip is None and not b[0].slow and b[1].slow
+    assert SLOW.search(b[1].code) and b[1].output == "1 9.0 s\n" and b[0].files == {}
+    assert b[1].files == b[2].files == {"r.yaml": "# r.yaml\na: 1\n"}
+    assert b[2].source() == b[1].code + "\n" + b[2].code
+    assert b[3].code == "echo hi\n" and b[3].previous is b[0]
+
+
+@pytest.mark.parametrize("quoted, printed, ok", [
+    ("│ lora │ 0.670 │ 25,866 │ 105.5 KiB │ 5.8 s │ 675 img/s │",
+     "noise\n│ lora │ 0.670 │ 25,866 │ 105.5 KiB │ 11.6 s │ 315 img/s │", True),
+    ("│ lora │ 0.670 │ 25,866 │ 105.4 KiB │ 5.8 s │", "│ lora │ 0.670 │ 25,866 │ 105.5 KiB │ 5.8 s │", False),
+    ("demo (64 s)\nresults: /work/main/vitkit-demo (a.json)", "demo (113 s)\nresults: /tmp/x/vitkit-demo (a.json)", True),
+    ("top-1 0.5475", "top-1 0.5470", False),
+    ("a 1\nb 2", "b 2\na 1", False),  # order matters
+    ("only text", "", True),  # nothing to compare
+])
+def test_harness_compares_figures(quoted, printed, ok):
+    assert (compare_output(quoted, printed) == []) is ok, compare_output(quoted, printed)
