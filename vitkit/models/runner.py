@@ -143,6 +143,29 @@ class _Frame:
 # attribute of the runner: two threads, or a forward started inside another forward's hook, each see their own.
 _FRAMES: contextvars.ContextVar[tuple] = contextvars.ContextVar("vitkit_runner_frames", default=())
 _LOCAL = threading.local()
+_NO_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("vitkit_no_checkpoint", default=False)
+
+
+@contextmanager
+def no_checkpointing(model: Optional[nn.Module] = None) -> Iterator[None]:
+    """Forwards run inside (in this thread / task) skip gradient checkpointing.
+
+    `model`: a timm ViT with `set_grad_checkpointing(True)` but no runner yet gets one installed (with nothing
+    registered it computes exactly timm's blocks), since timm's own forward would checkpoint regardless.
+
+    For readers that add autograd operations inside the blocks with hooks and take gradients after removing
+    them (explainers: `vitkit.explain.capture`): the recomputation would run without those operations, which
+    `torch.utils.checkpoint` rightly refuses. Explaining is eval-mode work on a few images, so the memory saving
+    is not needed there.
+    """
+    if (model is not None and isinstance(model, VisionTransformer) and getattr(model, "grad_checkpointing", False)
+            and not has_runner(model)):
+        get_runner(model)
+    token = _NO_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _NO_CHECKPOINT.reset(token)
 
 
 def _last_states() -> "weakref.WeakKeyDictionary[Runner, TokenState]":
@@ -394,7 +417,8 @@ def run_blocks(model: VisionTransformer, x: torch.Tensor, attn_mask=None, is_cau
     frame = runner._frame()
     blocks = model.blocks if upto is None else model.blocks[:upto + 1]
     for i, block in enumerate(blocks):
-        if model.grad_checkpointing and torch.is_grad_enabled() and attn_mask is None and not is_causal:
+        if (model.grad_checkpointing and torch.is_grad_enabled() and attn_mask is None and not is_causal
+                and not _NO_CHECKPOINT.get()):
             out = [None]
             x = checkpoint(_checkpointed_block, runner, block, i, frame.state.copy(), out, x, use_reentrant=False)
             frame.state.update(out[0])  # the first pass's result; the recomputation writes only its own copy
