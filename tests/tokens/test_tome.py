@@ -294,3 +294,29 @@ def test_merge_visualisation_png(tmp_path):
     assert painted.shape == (32, 32, 3)
     groups = tome.merge_groups(model, image)
     assert len(groups.unique()) == 64 - 48  # one colour group per final patch token
+
+
+# --- issue 11.3: pooling weighs merged tokens by their size, the prefix included or not -------------------------
+
+def _identity_blocks(model):
+    """Blocks whose attention and MLP branches add zero: ToMe's merges are then the only change of the tokens."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("include_prefix", [True, False])
+@pytest.mark.parametrize("extra", [dict(), dict(reg_tokens=2)])
+def test_size_weighted_pooling_oracle_identity_blocks(include_prefix, extra, images):
+    """Oracle: on identity blocks a size-weighted mean of merged tokens is the plain mean of the unmerged ones,
+    so ToMe r=16 must not change the logits ('avg' pooling puts the final norm after pooling: all linear)."""
+    model = _identity_blocks(make_variant("plain", global_pool="avg", pool_include_prefix=include_prefix, **extra))
+    reference = copy.deepcopy(model)
+    vk.accelerate(model, "tome", r=16)
+    with torch.no_grad():
+        ours, expected = model(images), reference(images)
+        assert vk.get_runner(model).state.sizes.shape[1] < 40  # merging happened
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)

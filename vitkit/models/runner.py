@@ -463,22 +463,30 @@ def forward_features(model: VisionTransformer, x: torch.Tensor, attn_mask=None, 
 
 
 def pool(model: VisionTransformer, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-    """timm's pooling, size-weighted for 'avg' when tokens stand for several patches (merged tokens)."""
+    """timm's pooling, weighted by token sizes when tokens stand for several patches (merged tokens).
+
+    Over the tokens timm pools (the prefix too with `pool_include_prefix=True`): 'avg' is the size-weighted
+    mean, 'max' and 'avgmax' ignore padding slots (size 0, ATS), 'map' attention pooling gets the `log s` bias.
+    With all sizes 1 each equals timm's pooling.
+    """
     state = get_runner(model).state
     pool_type = model.global_pool if pool_type is None else pool_type
     sizes = None if state is None else state.sizes
-    if sizes is not None and model.attn_pool is not None and sizes.shape[:2] == x.shape[:2]:
+    if sizes is None or sizes.shape[:2] != x.shape[:2]:
+        return VisionTransformer.pool(model, x, pool_type)
+    start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    if model.attn_pool is not None:
         # 'map' pooling: merged tokens weigh by their size (log s bias), padded ones (size 0) are excluded
-        start = 0 if model.pool_include_prefix else model.num_prefix_tokens
         bias = sizes[:, start:, 0].log().to(x.dtype)[:, None, None, :]
         return model.attn_pool(x[:, start:], attn_mask=bias)
-    if (sizes is not None and model.attn_pool is None and pool_type in ("avg", "avgmax")
-            and sizes.shape[:2] == x.shape[:2] and not model.pool_include_prefix):
-        p = model.num_prefix_tokens
-        w = sizes[:, p:].to(x.dtype)
-        avg = (x[:, p:] * w).sum(1) / w.sum(1)
-        return avg if pool_type == "avg" else 0.5 * (avg + x[:, p:].amax(1))
-    return VisionTransformer.pool(model, x, pool_type)
+    if pool_type not in ("avg", "avgmax", "max"):
+        return VisionTransformer.pool(model, x, pool_type)
+    tokens, w = x[:, start:], sizes[:, start:].to(x.dtype)
+    avg = (tokens * w).sum(1) / w.sum(1)
+    if pool_type == "avg":
+        return avg
+    top = tokens.masked_fill(w == 0, float("-inf")).amax(1)
+    return top if pool_type == "max" else 0.5 * (avg + top)
 
 
 def _to_grid(model, y: torch.Tensor, state: TokenState) -> torch.Tensor:
