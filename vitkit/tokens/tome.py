@@ -82,6 +82,8 @@ def _merge(x: torch.Tensor, ctx: BlockContext, per_block: tuple[int, ...], trace
         gh, gw = state.grid
         state.source = algo.compose_source(state.source, algo.new_positions(match, n), state.num_prefix_tokens,
                                            gh * gw)
+    else:  # a source map from before (timm's patch dropout) would now be stale
+        state.source = None
     return x
 
 
