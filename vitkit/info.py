@@ -30,6 +30,10 @@ class Info:
     input_size: tuple[int, int, int]
     layout: TokenLayout
     methods: list[tuple[str, dict]] = field(default_factory=list)
+    # token reduction at `input_size`: {"method": name, "r": merges per block after the caps (ToMe),
+    # "tokens": sequence length after each block (prompts included), "observed": measured on one blank image
+    # (ATS: image-dependent) rather than computed}; None without token reduction
+    token_schedule: dict | None = None
 
     @property
     def trainable_fraction(self) -> float:
@@ -50,7 +54,50 @@ class Info:
                                                       for n, c in self.methods))
         else:
             lines.append("methods     none")
+        ts = self.token_schedule
+        if ts:
+            how = "measured on one blank image" if ts.get("observed") else "after the 50% cap"
+            merged = f"merges per block {ts['r']} -> " if ts.get("r") is not None else ""
+            lines.append(f"schedule    {ts['method']}: {merged}tokens per block {ts['tokens']} ({how})")
         return "\n".join(lines)
+
+
+TOKEN_METHODS = ("tome", "evit", "ats", "gtp")
+
+
+def token_schedule(model: nn.Module, input_size: tuple[int, int]) -> dict | None:
+    """What the model's token-reduction method really does per block at `input_size` (H, W); see `Info`."""
+    applied = [a for a in registry.applied(model) if a.name in TOKEN_METHODS]
+    if not applied:
+        return None
+    a = applied[-1]
+    if a.name == "tome":
+        from .tokens import tome
+
+        sched = tome.effective_schedule(model, a.config, input_size)
+        return {"method": "tome", "r": sched["r"], "tokens": sched["tokens"], "observed": False}
+    from .models.runner import get_runner
+
+    counts: list[int] = []
+    runner = get_runner(model)
+    runner.add("after_block", _CountTokens(counts), owner="vitkit.info")
+    try:
+        x = torch.zeros(1, token_layout(model).in_chans, *input_size, device=next(model.parameters()).device)
+        with frozen_eval(model):
+            model(x)
+    finally:
+        runner.remove("vitkit.info")
+    return {"method": a.name, "r": None, "tokens": counts, "observed": True}
+
+
+class _CountTokens:
+    def __init__(self, counts: list):
+        self.counts = counts
+
+    def __call__(self, x, ctx):
+        sizes = ctx.state.sizes  # real tokens only (ATS pads the batch with size-0 slots)
+        self.counts.append(int((sizes[0, :, 0] > 0).sum()) if sizes is not None else x.shape[1])
+        return None
 
 
 @contextmanager
@@ -108,4 +155,5 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
         input_size=(in_chans, h, w),
         layout=layout,
         methods=[(a.name, registry.config_dict(a.config)) for a in registry.applied(model)],
+        token_schedule=token_schedule(model, (h, w)),
     )

@@ -305,6 +305,28 @@ class Runner:
         return x
 
 
+def prompts_at_input(model: nn.Module, input_size: Optional[tuple[int, int]] = None) -> int:
+    """Prompt tokens the methods on `model` insert before block 0, for an input of `input_size` (H, W) pixels.
+
+    Runs only block 0's `before_block` extensions, on zeros and on a state of its own (no forward, the model is
+    not changed); what token counts, schedules and budgets must add to the layout's tokens.
+    """
+    if not has_runner(model):
+        return 0
+    runner = get_runner(model)
+    layout = token_layout(model)
+    grid = layout.grid(input_size)
+    state = TokenState(layout=layout, grid=grid)
+    ref = next(model.parameters())
+    x = torch.zeros(1, layout.num_prefix_tokens + grid[0] * grid[1], layout.embed_dim, device=ref.device,
+                    dtype=ref.dtype)
+    ctx = BlockContext(0, model.blocks[0], model, state)
+    with torch.no_grad(), runner.call(state, record=False):
+        for fn in runner._active("before_block", 0):
+            x = _replace(x, fn(x, ctx))
+    return state.num_prompts
+
+
 def _replace(x: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     return x if out is None else out
 
