@@ -65,29 +65,33 @@ class Info:
 TOKEN_METHODS = ("tome", "evit", "ats", "gtp")
 
 
-def token_schedule(model: nn.Module, input_size: tuple[int, int]) -> dict | None:
-    """What the model's token-reduction method really does per block at `input_size` (H, W); see `Info`."""
+@contextmanager
+def token_schedule(model: nn.Module, input_size: tuple[int, int]):
+    """Context manager yielding a dict that, after one forward of a blank image inside it (the FLOP count's),
+    holds what the model's token reduction really does per block at `input_size` (H, W); see `Info`."""
     applied = [a for a in registry.applied(model) if a.name in TOKEN_METHODS]
+    result: dict = {}
     if not applied:
-        return None
+        yield result
+        return
     a = applied[-1]
-    if a.name == "tome":
+    if a.name == "tome":  # deterministic: the capped schedule, no forward needed
         from .tokens import tome
 
         sched = tome.effective_schedule(model, a.config, input_size)
-        return {"method": "tome", "r": sched["r"], "tokens": sched["tokens"], "observed": False}
+        result.update(method="tome", r=sched["r"], tokens=sched["tokens"], observed=False)
+        yield result
+        return
     from .models.runner import get_runner
 
     counts: list[int] = []
     runner = get_runner(model)
     runner.add("after_block", _CountTokens(counts), owner="vitkit.info")
     try:
-        x = torch.zeros(1, token_layout(model).in_chans, *input_size, device=next(model.parameters()).device)
-        with frozen_eval(model):
-            model(x)
+        yield result
     finally:
         runner.remove("vitkit.info")
-    return {"method": a.name, "r": None, "tokens": counts, "observed": True}
+    result.update(method=a.name, r=None, tokens=counts[:len(model.blocks)], observed=True)
 
 
 class _CountTokens:
@@ -143,6 +147,8 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
     in_chans = layout.in_chans
     head_names = head_parameter_names(model)
     params = list(model.named_parameters())
+    with token_schedule(model, (h, w)) as schedule:
+        gmacs = count_gmacs(model, (in_chans, h, w))  # one forward of a blank image; also fills `schedule`
     base = model.__dict__.get("_vitkit_base", {})
     name = base.get("name") or base.get("path") or getattr(model, "pretrained_cfg", {}).get("architecture", "vit")
     return Info(
@@ -151,9 +157,9 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
         trainable_params=sum(p.numel() for _, p in params if p.requires_grad),
         head_params=sum(p.numel() for n, p in params if n in head_names),
         trainable_head_params=sum(p.numel() for n, p in params if n in head_names and p.requires_grad),
-        gmacs=count_gmacs(model, (in_chans, h, w)),
+        gmacs=gmacs,
         input_size=(in_chans, h, w),
         layout=layout,
         methods=[(a.name, registry.config_dict(a.config)) for a in registry.applied(model)],
-        token_schedule=token_schedule(model, (h, w)),
+        token_schedule=schedule or None,
     )
