@@ -67,14 +67,16 @@ def _zero(model):
         p.grad = None
 
 
-def time_steps(model, x, y, steps, device) -> float:
+def time_steps(model, x, y, steps, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step. On a shared CPU the CPU time is the robust one: it does
+    not count the time other processes hold the cores."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step(model, x, y)
         _zero(model)
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
 
 def peak_memory_mib(model, x, y, device) -> tuple[float, str]:
@@ -156,10 +158,14 @@ def main(argv=None):
                 times[k].append(time_steps(off if k == "off" else on, x, y, args.steps, args.device))
         mem_off, kind = peak_memory_mib(off, x, y, args.device)
         mem_on, _ = peak_memory_mib(on, x, y, args.device)
-        t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
+        clock = 0 if args.device.startswith("cuda") else 1  # GPU: wall time; CPU: process CPU time
+        t_off = statistics.median(t[clock] for t in times["off"])
+        t_on = statistics.median(t[clock] for t in times["on"])
+        wall_ratio = statistics.median(t[0] for t in times["on"]) / statistics.median(t[0] for t in times["off"])
         trainable = sum(p.numel() for p in off.parameters() if p.requires_grad)
         row = dict(method=label, recipe=recipe, trainable=trainable, grad_mib=4 * trainable / 2**20, step_s_off=t_off, step_s_on=t_on,
-                   time_ratio=t_on / t_off, peak_mib_off=mem_off, peak_mib_on=mem_on, mem_ratio=mem_on / mem_off,
+                   time_ratio=t_on / t_off, wall_ratio=wall_ratio, clock="wall" if clock == 0 else "process CPU",
+                   peak_mib_off=mem_off, peak_mib_on=mem_on, mem_ratio=mem_on / mem_off,
                    mem_kind=kind, max_grad_diff=diff)
         rows.append(row)
         print(f"{label:22s} step {t_off:.3f}s -> {t_on:.3f}s ({t_on / t_off:.2f}x)  peak {mem_off:.0f} -> "
@@ -167,17 +173,19 @@ def main(argv=None):
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"{platform.processor() or platform.machine()}, {args.threads} CPU threads")
     header = (f"{args.model}, random weights, {args.img_size}px, batch {args.batch}, fp32, {device}; training step "
-              f"= forward + cross-entropy + backward; median of {args.rounds} rounds x {args.steps} steps; memory: "
+              f"= forward + cross-entropy + backward; median of {args.rounds} rounds x {args.steps} steps "
+              f"({'wall' if args.device.startswith('cuda') else 'process CPU'} time per step); memory: "
               f"{rows[0]['mem_kind'] if rows else ''}; torch {torch.__version__}, timm "
               f"{__import__('timm').__version__}")
     lines = [header, "", "Peak memory includes the parameter gradients (`grads`, fp32), which checkpointing cannot "
              "save: with every parameter trainable they dominate on a small model and batch.", "",
-             "| method | trainable | grads (MiB) | step off (s) | step on (s) | time on/off | peak off (MiB) | "
-             "peak on (MiB) | memory on/off | max grad diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | trainable | grads (MiB) | step off (s) | step on (s) | time on/off | wall on/off | "
+             "peak off (MiB) | peak on (MiB) | memory on/off | max grad diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['grad_mib']:.0f} | {r['step_s_off']:.3f} | "
                      f"{r['step_s_on']:.3f} | "
-                     f"{r['time_ratio']:.2f}x | {r['peak_mib_off']:.0f} | {r['peak_mib_on']:.0f} | "
+                     f"{r['time_ratio']:.2f}x | {r['wall_ratio']:.2f}x | {r['peak_mib_off']:.0f} | {r['peak_mib_on']:.0f} | "
                      f"{r['mem_ratio']:.2f}x | {r['max_grad_diff']:.1e} |")
     command = "python benchmarks/checkpointing.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     lines += ["", f"Command: `{command.strip()}` (from the repository root; {platform.platform()}, "
