@@ -15,6 +15,11 @@ on CPU the running sum of the profiler's per-op allocations and frees over one s
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: waiting OpenMP threads sleep (CPU time is
+# measured below, and spinning threads would count)
+
 import argparse
 import copy
 import json
