@@ -30,6 +30,10 @@ class Info:
     input_size: tuple[int, int, int]
     layout: TokenLayout
     methods: list[tuple[str, dict]] = field(default_factory=list)
+    # token reduction at `input_size`: {"method": name, "r": merges per block after the caps (ToMe),
+    # "tokens": sequence length after each block (prompts included), "observed": measured on one blank image
+    # (ATS: image-dependent) rather than computed}; None without token reduction
+    token_schedule: dict | None = None
 
     @property
     def trainable_fraction(self) -> float:
@@ -50,7 +54,54 @@ class Info:
                                                       for n, c in self.methods))
         else:
             lines.append("methods     none")
+        ts = self.token_schedule
+        if ts:
+            how = "measured on one blank image" if ts.get("observed") else "after the 50% cap"
+            merged = f"merges per block {ts['r']} -> " if ts.get("r") is not None else ""
+            lines.append(f"schedule    {ts['method']}: {merged}tokens per block {ts['tokens']} ({how})")
         return "\n".join(lines)
+
+
+TOKEN_METHODS = ("tome", "evit", "ats", "gtp")
+
+
+@contextmanager
+def token_schedule(model: nn.Module, input_size: tuple[int, int]):
+    """Context manager yielding a dict that, after one forward of a blank image inside it (the FLOP count's),
+    holds what the model's token reduction really does per block at `input_size` (H, W); see `Info`."""
+    applied = [a for a in registry.applied(model) if a.name in TOKEN_METHODS]
+    result: dict = {}
+    if not applied:
+        yield result
+        return
+    a = applied[-1]
+    if a.name == "tome":  # deterministic: the capped schedule, no forward needed
+        from .tokens import tome
+
+        sched = tome.effective_schedule(model, a.config, input_size)
+        result.update(method="tome", r=sched["r"], tokens=sched["tokens"], observed=False)
+        yield result
+        return
+    from .models.runner import get_runner
+
+    counts: list[int] = []
+    runner = get_runner(model)
+    runner.add("after_block", _CountTokens(counts), owner="vitkit.info")
+    try:
+        yield result
+    finally:
+        runner.remove("vitkit.info")
+    result.update(method=a.name, r=None, tokens=counts[:len(model.blocks)], observed=True)
+
+
+class _CountTokens:
+    def __init__(self, counts: list):
+        self.counts = counts
+
+    def __call__(self, x, ctx):
+        sizes = ctx.state.sizes  # real tokens only (ATS pads the batch with size-0 slots)
+        self.counts.append(int((sizes[0, :, 0] > 0).sum()) if sizes is not None else x.shape[1])
+        return None
 
 
 @contextmanager
@@ -96,6 +147,8 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
     in_chans = layout.in_chans
     head_names = head_parameter_names(model)
     params = list(model.named_parameters())
+    with token_schedule(model, (h, w)) as schedule:
+        gmacs = count_gmacs(model, (in_chans, h, w))  # one forward of a blank image; also fills `schedule`
     base = model.__dict__.get("_vitkit_base", {})
     name = base.get("name") or base.get("path") or getattr(model, "pretrained_cfg", {}).get("architecture", "vit")
     return Info(
@@ -104,8 +157,9 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
         trainable_params=sum(p.numel() for _, p in params if p.requires_grad),
         head_params=sum(p.numel() for n, p in params if n in head_names),
         trainable_head_params=sum(p.numel() for n, p in params if n in head_names and p.requires_grad),
-        gmacs=count_gmacs(model, (in_chans, h, w)),
+        gmacs=gmacs,
         input_size=(in_chans, h, w),
         layout=layout,
         methods=[(a.name, registry.config_dict(a.config)) for a in registry.applied(model)],
+        token_schedule=schedule or None,
     )

@@ -101,3 +101,99 @@ def test_attn_bias_reaches_fused_sdpa():
 def test_non_vit_is_refused():
     with pytest.raises(NotImplementedError, match="timm VisionTransformer"):
         vk.get_runner(torch.nn.Linear(2, 2))
+
+
+# --- issue 11.11: the token state belongs to one call, not to the model ---------------------------------------
+
+def test_two_threads_with_different_sizes_and_tome_keep_their_own_state():
+    """Both threads are inside a forward at once (a barrier in a block hook); each must see its own state."""
+    import threading
+
+    model = make_variant("plain", dynamic_img_size=True)
+    vk.accelerate(model, "tome", r=6)
+    small, large = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        expected = {"small": model(small), "large": model(large)}
+    barrier = threading.Barrier(2, timeout=20)
+    hook = model.blocks[2].register_forward_hook(lambda *a: [barrier.wait(), None][1])
+    results, errors = {}, []
+
+    def run(name, x):
+        try:
+            with torch.no_grad():
+                results[name] = model(x)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=a) for a in (("small", small), ("large", large))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    hook.remove()
+    assert not errors, errors
+    for name in expected:
+        torch.testing.assert_close(results[name], expected[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,config", [("tome", dict(r=6)), ("evit", dict(keep_rate=0.5)), ("gtp", {}),
+                                           ("ats", {})])
+def test_reentrant_forward_from_a_hook(method, config):
+    """An explainer calling the model inside a forward hook must not disturb the outer forward."""
+    model = make_variant("plain", dynamic_img_size=True)
+    vk.accelerate(model, method, **config)
+    outer_x, inner_x = torch.randn(2, 3, 32, 32), torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        expected_outer, expected_inner = model(outer_x), model(inner_x)
+        expected_features = model.forward_features(inner_x)
+    inner = {}
+
+    def hook(module, args, out):
+        if not inner:  # once (the inner forward runs this hook too)
+            inner["busy"] = True
+            inner["logits"] = model(inner_x)
+            inner["features"] = model.forward_features(inner_x)
+            inner["state_grid"] = vk.get_runner(model).state.grid  # back in the outer call
+
+    handle = model.blocks[1].register_forward_hook(hook)
+    with torch.no_grad():
+        outer = model(outer_x)
+    handle.remove()
+    torch.testing.assert_close(outer, expected_outer, atol=1e-5, rtol=0)
+    torch.testing.assert_close(inner["logits"], expected_inner, atol=1e-5, rtol=0)
+    torch.testing.assert_close(inner["features"], expected_features, atol=1e-5, rtol=0)
+    assert inner["state_grid"] == (8, 8)
+
+
+def test_block_alone_after_a_forward_gets_a_fresh_state():
+    """After a ToMe forward (state shrunk to the last block's tokens) a block called alone starts afresh and
+    computes what the same block computes first in a forward."""
+    model = make_variant("plain")
+    vk.accelerate(model, "tome", r=6)
+    seen = {}
+    handle = model.blocks[0].register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+        handle.remove()
+        assert vk.get_runner(model).state.sizes.shape[1] < 65  # the last call's state, merged
+        alone = model.blocks[0](seen["x"])
+    torch.testing.assert_close(alone, seen["y"], atol=1e-6, rtol=0)
+
+
+def test_state_accessor_is_the_last_completed_call_of_this_thread():
+    import threading
+
+    model = make_variant("plain", dynamic_img_size=True)
+    runner = vk.get_runner(model)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 48, 48))
+    assert runner.state.grid == (12, 12)
+    other = []
+    t = threading.Thread(target=lambda: other.append(runner.state))
+    t.start()
+    t.join()
+    assert other == [None]  # another thread has no completed call of its own
+    with torch.no_grad():
+        model.forward_features(torch.randn(1, 3, 32, 32))
+    assert runner.state.grid == (8, 8)

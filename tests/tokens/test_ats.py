@@ -92,3 +92,25 @@ def test_intermediates_and_features(images):
         final, nchw = model.forward_intermediates(images)
         assert all(t.shape == (2, 64, 8, 8) for t in nchw)
         torch.testing.assert_close(model.forward_features(images), final)
+
+
+@pytest.mark.parametrize("pool", ["max", "avgmax", "avg"])
+def test_pooling_ignores_padding_slots(pool):
+    """Images of one batch keep different token counts; the zero padding must not enter 'max' pooling
+    (one image alone = the same image in a batch)."""
+    model = make_variant("plain", global_pool=pool)
+    with torch.no_grad():
+        for block in model.blocks:  # peaky attention (as `_peaky`): kept counts vary across images
+            block.attn.qkv.weight[:128] *= 6
+        model.pos_embed.sub_(10.0)  # real tokens carry -10 in the residual stream (the norms ignore it); a
+        # padding slot (zeros, then only the last MLP's constant) would win the max
+    vk.accelerate(model, "ats", num_samples=40)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        x = torch.cat([torch.randn(2, 3, 32, 32), torch.rand(1, 1, 1, 1).expand(1, 3, 32, 32),
+                       3 * torch.randn(1, 3, 32, 32)])
+        batched = model(x)
+        counts = (vk.get_runner(model).state.sizes[..., 0] > 0).sum(1)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert len(set(counts.tolist())) > 1, "the test needs images with different token counts"
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)

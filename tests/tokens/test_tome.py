@@ -294,3 +294,69 @@ def test_merge_visualisation_png(tmp_path):
     assert painted.shape == (32, 32, 3)
     groups = tome.merge_groups(model, image)
     assert len(groups.unique()) == 64 - 48  # one colour group per final patch token
+
+
+# --- issue 11.3: pooling weighs merged tokens by their size, the prefix included or not -------------------------
+
+def _identity_blocks(model):
+    """Blocks whose attention and MLP branches add zero: ToMe's merges are then the only change of the tokens."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("include_prefix", [True, False])
+@pytest.mark.parametrize("extra", [dict(), dict(reg_tokens=2)])
+def test_size_weighted_pooling_oracle_identity_blocks(include_prefix, extra, images):
+    """Oracle: on identity blocks a size-weighted mean of merged tokens is the plain mean of the unmerged ones,
+    so ToMe r=16 must not change the logits ('avg' pooling puts the final norm after pooling: all linear)."""
+    model = _identity_blocks(make_variant("plain", global_pool="avg", pool_include_prefix=include_prefix, **extra))
+    reference = copy.deepcopy(model)
+    vk.accelerate(model, "tome", r=16)
+    with torch.no_grad():
+        ours, expected = model(images), reference(images)
+        assert vk.get_runner(model).state.sizes.shape[1] < 40  # merging happened
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+# --- issue 11.12: the reported schedule is the one the blocks see (prompts counted, caps applied) ------------
+
+@pytest.mark.parametrize("vpt_first", [True, False])
+@pytest.mark.parametrize("deep", [False, True])
+def test_effective_schedule_counts_prompts(vpt_first, deep):
+    model = make_variant("plain")
+    steps = [lambda: vk.adapt(model, "vpt", num_prompts=5, deep=deep), lambda: vk.accelerate(model, "tome", r=40)]
+    for step in (steps if vpt_first else steps[::-1]):
+        step()
+    observed = []
+    vk.get_runner(model).add("after_block", lambda x, ctx: observed.append(x.shape[1]), owner="probe")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    schedule = tome.effective_schedule(model, vk.applied(model)[-1 if vpt_first else 0].config)
+    assert schedule["tokens"] == observed == [38, 22, 14, 10, 8, 7]
+    assert schedule["r"] == [32, 16, 8, 4, 2, 1]
+
+
+def test_info_shows_the_capped_schedule():
+    model = make_variant("plain")
+    vk.accelerate(model, "tome", r=40)
+    info = vk.info(model)
+    assert info.token_schedule["r"] == [32, 16, 8, 4, 2, 1]
+    assert info.token_schedule["tokens"] == [33, 17, 9, 5, 3, 2]
+    assert "merges per block [32, 16, 8, 4, 2, 1]" in str(info)
+
+
+@pytest.mark.parametrize("method,config", [("evit", dict(keep_rate=0.5)), ("gtp", dict(num_prop=6))])
+def test_info_shows_the_tokens_of_other_methods(method, config):
+    model = make_variant("plain")
+    vk.accelerate(model, method, **config)
+    observed = []
+    vk.get_runner(model).add("after_block", lambda x, ctx: observed.append(x.shape[1]), owner="probe")
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    vk.get_runner(model).remove("probe")
+    info = vk.info(model)
+    assert info.token_schedule["tokens"] == observed and f"tokens per block {observed}" in str(info)

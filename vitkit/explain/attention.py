@@ -226,7 +226,7 @@ def capture(model: nn.Module, layers=None, values: bool = False) -> Iterator[Att
     values V (from `attn.qkv`) and the attention output A·V (the input of `attn.norm`, an `nn.Identity` unless
     `scale_norm`), so that `LayerAttention.attn_grad` gives ∂y/∂A under fused attention.
     """
-    from vitkit.models.runner import has_runner, get_runner
+    from vitkit.models.runner import has_runner, get_runner, no_checkpointing
 
     maps = AttentionMaps()
     maps.depth = len(model.blocks)
@@ -286,7 +286,8 @@ def capture(model: nn.Module, layers=None, values: bool = False) -> Iterator[Att
             if values:
                 handles.append(attn.qkv.register_forward_hook(on_qkv(i, attn)))
                 handles.append(attn.norm.register_forward_pre_hook(on_out(i)))
-        yield maps
+        with no_checkpointing(model):  # the hooks add autograd ops in the blocks and are gone before any backward
+            yield maps
     finally:
         for h in handles:
             h.remove()

@@ -2,6 +2,12 @@
 
 Taps are forward hooks on timm's own `Attention` sub-modules (`q_norm`, `k_norm`, `qkv`, `attn_drop`): they see
 exactly what attention computes, at no extra cost, so no method re-implements `Attention.forward`.
+
+A tap follows the module the attention calls *now*, not the one that was there when the method was applied:
+adapters applied later wrap `attn.qkv` (LoRA's `QKVLoRA`, PEFT's LoRA / LoHa / LoKr layers, SSF) and a hook on
+the wrapped Linear would read the unadapted output. A forward pre-hook on the (never replaced) `Attention`
+moves each tap onto the current outermost module, and a tap left on an inner module stays silent; so a token
+method may be applied before or after any adapter with the same result.
 """
 from __future__ import annotations
 
@@ -17,23 +23,44 @@ TOKEN_METHODS = ("tome", "evit", "ats", "gtp")
 
 class Tap:
     """Forward hook storing a module's output in the current token state under `key` (deep-copies with the
-    model, since it holds the model, not a closure)."""
+    model, since it holds the model, not a closure). With `attn` and `part` it fires only while the module is
+    `attn.<part>` itself (not a layer that something wrapped since)."""
 
-    def __init__(self, model: nn.Module, key: str):
-        self.model, self.key = model, key
+    def __init__(self, model: nn.Module, key: str, attn: Optional[nn.Module] = None, part: Optional[str] = None):
+        self.model, self.key, self.attn, self.part = model, key, attn, part
 
     def __call__(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        if self.attn is not None and getattr(self.attn, self.part) is not module:
+            return None  # wrapped since (e.g. LoRA's base_layer): the wrapper's output is what attention uses
         state = get_runner(self.model).state
         if state is not None:
             state.extra[self.key] = output
+        return None
+
+
+class Retap:
+    """Forward pre-hook on `attn`: makes sure each tapped part that attention calls now carries its tap."""
+
+    def __init__(self, model: nn.Module, parts: dict[str, str]):
+        self.model, self.parts = model, dict(parts)
+
+    def __call__(self, attn: nn.Module, args) -> None:
+        for part, key in self.parts.items():
+            target = getattr(attn, part)
+            if not any(isinstance(h, Tap) and h.key == key and h.attn is attn
+                       for h in target._forward_hooks.values()):
+                target.register_forward_hook(Tap(self.model, key, attn, part))
+        return None
 
 
 def add_taps(model: nn.Module, blocks: Iterable[int], parts: dict[str, str]) -> None:
-    """Hook `block.attn.<part>` of each block in `blocks`; its output lands in `state.extra[key]`."""
+    """Tap `block.attn.<part>` of each block in `blocks`, whatever wraps that part later; its output lands in
+    `state.extra[key]`."""
     for i in blocks:
         attn = model.blocks[i].attn
-        for part, key in parts.items():
-            getattr(attn, part).register_forward_hook(Tap(model, key))
+        retap = Retap(model, parts)
+        attn.register_forward_pre_hook(retap)
+        retap(attn, ())
 
 
 def take_tap(ctx: BlockContext, key: str, method: str) -> torch.Tensor:

@@ -79,7 +79,9 @@ def _build_graph(x: torch.Tensor, ctx: BlockContext, kind: str, num_neighbours: 
     B, n, _ = patches.shape
     graph = torch.zeros(B, n, n, device=x.device)
     if kind in ("spatial", "mixed"):
-        graph = graph + _spatial(*state.grid).to(x.device)
+        spatial = _spatial(*state.grid).to(x.device)
+        kept = state.patch_index  # timm's patch dropout kept these grid cells (in this order); None: all
+        graph = graph + (spatial if kept is None else spatial[kept.unsqueeze(-1), kept.unsqueeze(-2)])
     if kind in ("semantic", "mixed"):
         graph = graph + algo.semantic_graph(patches.detach().float(), num_neighbours)
     state.extra["gtp.W"] = algo.normalise((graph > 0).float())

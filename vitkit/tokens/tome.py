@@ -82,6 +82,8 @@ def _merge(x: torch.Tensor, ctx: BlockContext, per_block: tuple[int, ...], trace
         gh, gw = state.grid
         state.source = algo.compose_source(state.source, algo.new_positions(match, n), state.num_prefix_tokens,
                                            gh * gw)
+    else:  # a source map from before (timm's patch dropout) would now be stale
+        state.source = None
     return x
 
 
@@ -95,12 +97,17 @@ def per_block_r(model: nn.Module, cfg: Config) -> list[int]:
 
 
 def effective_schedule(model: nn.Module, cfg: Config, input_size: Optional[tuple[int, int]] = None) -> dict:
-    """Merges and token counts per block after the 50 % cap, for an input of `input_size` (H, W) pixels."""
-    layout = get_runner(model).state.layout if get_runner(model).state else None
-    from vitkit.models.layout import token_layout
+    """Merges and token counts per block after the 50 % cap, for an input of `input_size` (H, W) pixels.
 
-    layout = layout or token_layout(model)
-    n, p = layout.num_tokens(input_size), layout.num_prefix_tokens
+    Counts include the prompt tokens that methods on the model insert (VPT), which ToMe protects like the
+    class token: `tokens` is the sequence length after each block, as the blocks see it.
+    """
+    from vitkit.models.layout import token_layout
+    from vitkit.models.runner import prompts_at_input
+
+    layout = token_layout(model)
+    prompts = prompts_at_input(model, input_size)
+    n, p = layout.num_tokens(input_size) + prompts, layout.num_prefix_tokens + prompts
     counts = algo.token_counts(n, p, per_block_r(model, cfg))
     merged = [a - b for a, b in zip([n] + counts[:-1], counts)]
     return {"r": merged, "tokens": counts}
