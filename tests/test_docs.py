@@ -156,7 +156,7 @@ def collect() -> list:
 # ---- comparing quoted output ------------------------------------------------------------------------------
 
 NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?", re.I)
-TIMING = re.compile(r"(?:\d+ min )?\d[\d,]*(?:\.\d+)?\s*(?:img/s|ms|s|min)\b|\(\d+ s\)")
+TIMING = re.compile(r"(?:\d+ min )?\d[\d,]*(?:\.\d+)?\s*(?:img/s|/s|ms|s|min)\b|\(\d+ s\)")
 ABSDIR = re.compile(r"(?<![\w./])/(?:[\w.-]+/)+")
 
 
