@@ -50,6 +50,19 @@ def refuse_torch_encoder_layer(sd: State) -> None:
             "to use these weights.")
 
 
+# Hugging Face ViT keys outside the encoder blocks (the same in transformers 4 and 5) -> timm
+_HF_VIT_OUTSIDE_BLOCKS = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight",
+    "classifier.bias": "head.bias",
+}
+
+
 def is_hf_vit(sd: State) -> bool:
     return any(k.endswith("embeddings.patch_embeddings.projection.weight") for k in sd)
 
@@ -58,16 +71,7 @@ def from_hf_vit(sd: State) -> State:
     """Hugging Face `ViTModel` / `ViTForImageClassification` -> timm (separate q, k, v fused into `qkv`)."""
     sd = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in sd.items()}
     out: State = {}
-    simple = {
-        "embeddings.cls_token": "cls_token",
-        "embeddings.position_embeddings": "pos_embed",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight",
-        "layernorm.bias": "norm.bias",
-        "classifier.weight": "head.weight",
-        "classifier.bias": "head.bias",
-    }
+    simple = _HF_VIT_OUTSIDE_BLOCKS
     layer = {
         "attention.output.dense": "attn.proj",
         "intermediate.dense": "mlp.fc1",
@@ -111,16 +115,7 @@ def from_hf_vit_v5(sd: State) -> State:
     """transformers 5 `ViTModel` / `ViTForImageClassification.state_dict()` -> timm (q, k, v fused into `qkv`)."""
     sd = {k[len("vit."):] if k.startswith("vit.") else k: v for k, v in sd.items()}
     out: State = {}
-    simple = {
-        "embeddings.cls_token": "cls_token",
-        "embeddings.position_embeddings": "pos_embed",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight",
-        "layernorm.bias": "norm.bias",
-        "classifier.weight": "head.weight",
-        "classifier.bias": "head.bias",
-    }
+    simple = _HF_VIT_OUTSIDE_BLOCKS
     layer = {"attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
              "layernorm_before": "norm1", "layernorm_after": "norm2"}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
