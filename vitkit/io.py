@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,12 @@ import torch
 import torch.nn as nn
 
 from . import registry
+
+
+def _file_sha256(path) -> str:
+    from .models.loading import sha256_file  # at call time, like the other loading imports of this module
+
+    return sha256_file(path)
 
 MANIFEST = "vitkit.json"
 WEIGHTS = "weights.safetensors"
@@ -123,7 +128,7 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> P
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
     def write_manifest(tmp: str) -> None:
-        manifest["weights_sha256"] = _sha256(Path(tmp).with_name(WEIGHTS))
+        manifest["weights_sha256"] = _file_sha256(Path(tmp).with_name(WEIGHTS))
         Path(tmp).write_text(json.dumps(manifest, indent=2, default=str))
 
     return write_folder(path, {WEIGHTS: lambda tmp: save_file(tensors, tmp), MANIFEST: write_manifest})
@@ -200,14 +205,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Module:
     """Rebuild a saved model: base, then each method in order, then the saved tensors.
 
@@ -233,7 +230,7 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
                 if (previous / MANIFEST).is_file() else "")
         raise FileNotFoundError(f"{path} is not a vitkit save folder (no {MANIFEST}){hint}")
     manifest = json.loads((path / MANIFEST).read_text())
-    if manifest.get("weights_sha256") and _sha256(path / WEIGHTS) != manifest["weights_sha256"]:
+    if manifest.get("weights_sha256") and _file_sha256(path / WEIGHTS) != manifest["weights_sha256"]:
         raise ValueError(f"{path}: {WEIGHTS} is not the file {MANIFEST} was written with (sha256 differs); the "
                          "folder was changed after vk.save: save again")
     data = {k: overrides.pop(k) for k in loading.DATA_KEYS if k in overrides}
