@@ -93,6 +93,8 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
                          fingerprint=False)
         else:
             model.__dict__["_vitkit_base"].update(kind="embedded", name=source, pretrained=True)
+            # rebuilt by name: the installed file's path is machine-specific and would make saves differ by checkout
+            model.__dict__["_vitkit_base"].pop("path", None)
         set_data_config(model, **{**entry.get("data_config", {}), **data})
         return model
     if path.is_dir():
