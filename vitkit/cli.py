@@ -32,6 +32,13 @@ def parse_value(text: str):
     return yaml.safe_load(text)
 
 
+def yaml_problem(err: Exception) -> str:
+    """Where a YAML syntax error is and what it is: ' at line 3, column 7: mapping values are not allowed here'."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {getattr(err, 'problem', None) or str(err).splitlines()[0]}"
+
+
 def parse_pairs(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:

@@ -292,10 +292,9 @@ def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"recipe {path}: YAML syntax error{where}: {problem}; fix the file "
+        from vitkit.cli import yaml_problem
+
+        raise RecipeError(f"recipe {path}: YAML syntax error{yaml_problem(err)}; fix the file "
                           "(a chain with `:` or `+` may need quotes)") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path}: expected a mapping of keys (backbones, chains, tasks, ...), "

@@ -109,12 +109,7 @@ def markdown(rows: list[dict]) -> str:
             lines += ["", "Settings left out (not every entry has them): "
                       + ", ".join(f"{t}/{p}" for t, p in incomplete)]
         lines.append("")
-    errors = [r for r in rows if r["status"] == "error"]
-    if errors:
-        lines += ["## Failed cells", "", "| backbone | chain | task | protocol | error |", "|---|---|---|---|---|"]
-        lines += [f"| {r['backbone']} | {r['chain']} | {r['task']} | {r['protocol']} | "
-                  f"{r['error'].replace('|', '/')[:200]} |" for r in errors]
-        lines.append("")
+    lines += _failed_cells(rows, "## Failed cells", width=200)
     return "\n".join(lines)
 
 
@@ -320,12 +315,7 @@ def results_section(rows: list[dict], folder) -> str:
                          f"first {_range([r['flops_images'] for r in dep], '.0f')} evaluation images, minimum–maximum in "
                          "brackets.")
         lines.append("")
-    errors = [r for r in rows if r["status"] == "error"]
-    if errors:
-        lines += ["### Failed cells", "", "| backbone | chain | task | protocol | error |", "|---|---|---|---|---|"]
-        lines += [f"| {r['backbone']} | {r['chain']} | {r['task']} | {r['protocol']} | "
-                  f"{r['error'].replace('|', '/')[:160]} |" for r in errors]
-        lines.append("")
+    lines += _failed_cells(rows, "### Failed cells", width=160)
     lines += ["Definitions: accuracy is top-1 on the evaluation images (fewshot: mean ± std over draws; retrieval: "
               "MAP@R of evaluation queries against the train gallery). *Trainable* counts the parameters `vk.fit` "
               "trained; *adapter* is the bytes of those tensors as one safetensors file (what a task adds to its "
@@ -355,3 +345,13 @@ def splice_section(path: Path, folder, rows: list[dict]) -> None:
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + section
     path.write_text(text)
+
+
+def _failed_cells(rows: list[dict], heading: str, width: int) -> list[str]:
+    """A table of the error rows (each message cut at `width` characters), or nothing when every cell ran."""
+    errors = [r for r in rows if r["status"] == "error"]
+    if not errors:
+        return []
+    return [heading, "", "| backbone | chain | task | protocol | error |", "|---|---|---|---|---|",
+            *(f"| {r['backbone']} | {r['chain']} | {r['task']} | {r['protocol']} | "
+              f"{r['error'].replace('|', '/')[:width]} |" for r in errors), ""]

@@ -30,10 +30,9 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     try:
         recipe = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"--config {args.config}: not valid YAML{where}: {problem}; fix the file (a recipe is a "
+        from vitkit.cli import yaml_problem
+
+        raise ValueError(f"--config {args.config}: not valid YAML{yaml_problem(err)}; fix the file (a recipe is a "
                          "mapping of option names, e.g. `epochs: 3`)") from None
     if not isinstance(recipe, dict):
         raise ValueError(f"--config {args.config}: a recipe is a mapping of option names (e.g. `epochs: 3`), got a "
