@@ -159,6 +159,12 @@ def test_ray_options_come_from_the_recipe():
     assert probe["num_cpus"] == 1 and probe["num_gpus"] == 0 and 0 < probe["resources"][NODE_RESOURCE] < 0.01
 
 
+@pytest.mark.parametrize("value", [{"cpus": -1}, {"gpus": "one"}, {"cpus": True}])
+def test_bad_resources_are_a_recipe_error(value):
+    with pytest.raises(RecipeError, match=r"resources\.perf\.(cpus|gpus): a number >= 0"):
+        load_recipe({"backbones": [BACKBONE], "chains": ["lora"], "resources": {"perf": value}})
+
+
 def _map_at_r_oracle(gallery, gallery_y, query, query_y):
     """Plain numpy: rank the gallery by cosine, precision at each relevant rank within the first R."""
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)

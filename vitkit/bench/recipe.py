@@ -413,6 +413,9 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
             resources[kind] = Resources(**dict(value))
         except TypeError:
             fail(f"resources.{kind}: valid fields are cpus, gpus; got {value!r}")
+        for name, amount in vars(resources[kind]).items():
+            if amount is not None and (isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0):
+                fail(f"resources.{kind}.{name}: a number >= 0 (Ray's num_{name}), got {amount!r}")
 
     backbones = tuple(resolve_backbone(e, where) if check_backbones else
                       Backbone(e["name"], str(e["source"]), e.get("args") or {}, e.get("data") or {})
