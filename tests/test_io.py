@@ -246,3 +246,17 @@ def test_cli_train_on_a_two_class_folder_then_info(tmp_path, capsys):
     assert main(["info", str(tmp_path / "run" / "model")]) == 0
     out = capsys.readouterr().out
     assert "258 head" in out and "dynamic size" in out  # 2 classes: 128 x 2 + 2; dynamic_img_size kept
+
+
+@pytest.mark.parametrize("value", ["x", 2.5, -1, True])
+def test_a_model_argument_that_is_not_a_whole_number_is_named(value):
+    with pytest.raises(ValueError, match=r"model argument `num_heads` must be a whole number >= 0"):
+        vk.load("vitkit/vit-tiny-cifar", num_heads=value)
+
+
+def test_cli_model_argument_that_is_not_a_number_is_one_line(capsys):
+    from vitkit import cli
+
+    code = cli.main(["info", "vitkit/vit-tiny-cifar", "--model-arg", "num_heads=x"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "`num_heads`" in err, err

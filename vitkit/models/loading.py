@@ -213,9 +213,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return convert.unwrap(obj)
 
 
+_INT_ARGS = ("num_heads", "depth", "embed_dim", "patch_size", "num_classes", "reg_tokens", "in_chans")
+
+
 def build_vit(model_args: dict[str, Any]) -> VisionTransformer:
     """A `VisionTransformer` from JSON-friendly args (`norm_eps` becomes a LayerNorm partial)."""
     args = dict(model_args)
+    for key in _INT_ARGS:  # a string from `--model-arg num_heads=four` would fail deep inside timm, unnamed
+        if key in args and (isinstance(args[key], bool) or not isinstance(args[key], int) or args[key] < 0):
+            raise ValueError(f"model argument `{key}` must be a whole number >= 0, got {args[key]!r}")
     eps = args.pop("norm_eps", None)
     if eps is not None and "norm_layer" not in args:
         args["norm_layer"] = partial(nn.LayerNorm, eps=eps)
