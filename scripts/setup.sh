@@ -11,4 +11,7 @@ quiet .venv/bin/python -m pip install -q --upgrade pip
 quiet .venv/bin/python -m pip install -q -c constraints.txt torch torchvision
 # setuptools warns on every editable install ("Please be careful with folders in your working directory with the
 # same name as your package"): vitkit/ is that folder, on purpose. Silence that one warning (by its message) only.
-PYTHONWARNINGS="ignore:Editable installation" quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,ray]"
+PYTHONWARNINGS="ignore:Editable installation" quiet .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,ray,compress,distill,volume]"
+# lightly and torchattacks declare dependencies vitkit does not use (pytorch-lightning, requests 2.25): skip them
+quiet .venv/bin/python -m pip install -q -c constraints.txt lightning-utilities
+quiet .venv/bin/python -m pip install -q -c constraints.txt --no-deps lightly torchattacks
