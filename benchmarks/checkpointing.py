@@ -31,9 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-# run as a script, this folder comes first on sys.path and its `peft.py` would shadow the peft package
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import torch
 import torch.nn.functional as F
 

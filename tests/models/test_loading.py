@@ -193,3 +193,9 @@ def test_a_new_untrained_head_is_saved_and_reloads(tmp_path):
     manifest = json.loads((tmp_path / "run" / "vitkit.json").read_text())
     assert manifest["tensors"] == ["head.bias", "head.weight"]
     _same_outputs(vk.load(tmp_path / "run"), model)
+
+
+def test_embedded_model_refuses_an_architecture_argument_that_contradicts_its_entry():
+    with pytest.raises(ValueError, match=r"trained with num_heads=4; num_heads=8 was given"):
+        vk.load("vitkit/vit-tiny-cifar", num_heads=8)
+    assert len(vk.load("vitkit/vit-tiny-cifar", num_heads=4).blocks) == 6  # the stated value is accepted

@@ -84,6 +84,12 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
         raise TypeError(f"vk.load: `base=` is for a vk.save or PEFT adapter folder; `{source}` is not one")
     if source in EMBEDDED:
         entry = EMBEDDED[source]
+        clashes = {k: v for k, v in timm_kwargs.items() if k in entry["model_args"] and v != entry["model_args"][k]}
+        if clashes:  # e.g. num_heads=8 on a 4-head checkpoint: the weights would load and compute something else
+            given = ", ".join(f"{k}={v!r}" for k, v in clashes.items())
+            stated = ", ".join(f"{k}={entry['model_args'][k]!r}" for k in clashes)
+            raise ValueError(f"vk.load: the embedded model `{source}` was trained with {stated}; {given} was given. "
+                             "Leave that argument out (the embedded entry states it)")
         args = {**entry["model_args"], **timm_kwargs}
         model = load_file(entry["file"], num_classes=num_classes, say_inferred=False, **args)
         if not pretrained:  # the random-initialised twin: the architecture read from the file, fresh weights

@@ -9,8 +9,8 @@ against the untouched base model.
 Training memory is counted, not sampled (CPU torch has no peak-memory counter): parameters + gradients + AdamW
 state + the tensors autograd saves for backward (deduplicated by storage), i.e. what one training step holds.
 
-    python benchmarks/peft.py                     # ~5 min on a 2-core CPU (one torch thread)
-    python benchmarks/peft.py --model vit_base_patch16_224 --batch 64 --device cuda --bf16   # GPU run
+    python benchmarks/peft_speed.py                     # ~5 min on a 2-core CPU (one torch thread)
+    python benchmarks/peft_speed.py --model vit_base_patch16_224 --batch 64 --device cuda --bf16   # GPU run
 """
 from __future__ import annotations
 
