@@ -405,11 +405,13 @@ def attack(model: nn.Module, images: torch.Tensor, labels=None, method: str = "p
     else:
         labels_from = "given"
     guide = t_all if t_all is not None else y_all
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     out = []
     with frozen(model), Progress(TextColumn(f"[bold]attack {method}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), disable=not progress, transient=True) as bar:
+                                 TimeElapsedColumn(), console=Console(stderr=True), disable=not progress,
+                                 transient=True) as bar:
         task = bar.add_task("", total=n)
         torch_atk = spec.torchattacks(ctx, cfg) if backend == "torchattacks" else None
         for i in range(0, n, batch_size):
