@@ -87,6 +87,7 @@ def test_the_attack_is_in_the_cell_key(folder):
     assert base[robust_id] != other_eps[robust_id] != other_steps[robust_id] != base[robust_id]
     assert base["tiny/baseline/d/finetune/s0"] == other_eps["tiny/baseline/d/finetune/s0"]
     assert keys(eps=8 / 255)[robust_id] == base[robust_id]  # 8/255 written as a fraction or a number: one cell
+    assert keys(alpha="0.5/255")[robust_id] == keys(alpha=0.5 / 255)[robust_id] != base[robust_id]
     assert "tiny/bitfit/d/robust/s0" in base  # adapter chains are fine-tuned, then attacked
 
 
