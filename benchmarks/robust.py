@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 import vitkit as vk
-
-print = functools.partial(print, flush=True)  # progress lines appear as they happen
 from vitkit.robust.commands import load_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
+print = functools.partial(print, flush=True)  # progress lines appear as they happen
 
 
 def main() -> None:
