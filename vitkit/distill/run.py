@@ -34,7 +34,6 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
         `vk.fit`'s `FitResult`; its `config["distill"]` names the method and its config.
     """
     from vitkit.io import save
-    from vitkit.models.loading import record_module_base
     from vitkit.registry import Applied, applied, config_dict, make_config
     from vitkit.train.fit import fit
 
@@ -58,7 +57,6 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
         stats = input_stats(student)
         _log.info("distill: the data transform has no Normalize step; assuming the student's mean/std %s", stats)
     guide = Teacher(teacher, stats) if teacher is not None else None
-    record_module_base(student)  # so that vk.save writes the distilled student (no-op for a model vk.load made)
 
     example = torch.stack([data[i][0] for i in range(min(2, len(data)))])
     loss = spec.loss(cfg, guide, student, example)
