@@ -108,8 +108,10 @@ def test_cached_training_equals_online_kd_within_fp16_rounding(tmp_path):
     torch.testing.assert_close(online.eval()(x), cached.eval()(x), atol=2e-5, rtol=0)
 
 
-def test_training_from_the_cache_runs_no_teacher_forward(tmp_path):
+def test_training_from_the_cache_runs_no_teacher_forward(tmp_path, monkeypatch):
     teacher, student = models()
+    epochs, real = [], lc.CachedViews.set_epoch
+    monkeypatch.setattr(lc.CachedViews, "set_epoch", lambda self, e: (epochs.append(e), real(self, e))[1])
     data = digits(student)
     calls = []
     teacher.register_forward_hook(lambda *a: calls.append(1))
@@ -121,6 +123,7 @@ def test_training_from_the_cache_runs_no_teacher_forward(tmp_path):
     result = vk.distill(None, student, data, "logit-cache", cache_dir=str(tmp_path / "cache"), shard_size=8, topk=3,
                         epochs=2, out_dir=tmp_path / "no_teacher", **RUN)
     assert result.history[-1]["train_loss"] > 0
+    assert epochs[-3:] == [0, 0, 1], epochs  # loaded at creation, then fit moves it to each epoch's views
     sizes = sum(p.stat().st_size for p in (tmp_path / "cache").glob("epoch_*/*.bin"))
     assert sizes == 20 * 2 * (4 * 3 + 4)  # images x epochs x (4K + 4)
 

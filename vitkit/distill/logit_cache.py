@@ -123,10 +123,8 @@ class CachedViews(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         rec = self.records[index]
         view = replay(self.data, index, rec["seed"])
-        target = torch.cat([torch.tensor([float(self.data.targets[index])]),
-                            torch.from_numpy(rec["idx"].astype(np.float32)),
-                            torch.from_numpy(rec["val"].astype(np.float32))])
-        return view, target
+        target = np.concatenate([[self.data.targets[index]], rec["idx"], rec["val"]]).astype(np.float32)
+        return view, torch.from_numpy(target)
 
 
 def write_cache(root: Path, data, teacher: Teacher, *, epochs: int, k: int, view_seed: int, shard_size: int,
