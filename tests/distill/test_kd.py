@@ -15,7 +15,7 @@ from vitkit import cli
 from vitkit.distill import Teacher, get, methods
 from vitkit.distill.kd import Config, KDLoss
 
-from conftest import CIFAR_JPEG, require
+from conftest import CIFAR_JPEG, VARIANTS, make_variant, require
 
 T_ARGS = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 S_ARGS = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
@@ -214,3 +214,28 @@ def test_cli_help_lists_methods_and_bad_value_is_one_line(capsys, tmp_path):
                      "--teacher-arg", "pretrained=false", "--set", "alpha=2", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "alpha" in err, err
+
+
+@pytest.mark.parametrize("name", list(VARIANTS) + ["grad_checkpointing"])
+def test_feature_kd_on_every_conformance_variant(name):
+    """Registers, no class token, LayerScale, qk-norm (conftest.VARIANTS) and gradient checkpointing: the hint
+    reads the patch grid (prefix tokens removed) and gradients reach the student."""
+    teacher, _ = models()
+    student = make_variant("plain" if name == "grad_checkpointing" else name).train()
+    student.set_grad_checkpointing(name == "grad_checkpointing")
+    x = torch.randn(4, 3, 32, 32)
+    guide = Teacher(teacher, ((0.5,) * 3, (0.5,) * 3))
+    loss = KDLoss(Config(feature_weight=1.0), guide, student, x[:2])
+    step = loss(student, guide, x, torch.tensor([1, 2, 3, 4]))
+    step.loss.backward()
+    assert torch.isfinite(step.loss) and student.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert loss.projector.weight.grad.abs().sum() > 0
+
+
+def test_saved_student_loads_with_another_class_count_as_a_new_head(tmp_path):
+    """How `vitkit bench` loads a backbone: vk.load(folder, num_classes=task classes) keeps a new head."""
+    _, student = models()
+    vk.save(student, tmp_path / "s")
+    back = vk.load(tmp_path / "s", num_classes=3)
+    assert back.head.out_features == 3
+    assert torch.equal(back.blocks[0].attn.qkv.weight, student.blocks[0].attn.qkv.weight)
