@@ -171,7 +171,8 @@ def main() -> None:
         return ddp(args)
     teacher, parts = setup(args)
     teacher_acc = vk.evaluate(teacher, parts["test"].with_transform(vk.data.transform(teacher)), "finetuned")["top1"]
-    names = args.only or ["ce", "kd", "logit-cache"] + [m.name for m in methods() if m.name not in ("kd", "logit-cache")]
+    others = [m.name for m in methods() if m.name not in ("kd", "logit-cache")]  # e.g. scalekd, once registered
+    names = args.only or ["ce", "kd", "logit-cache", *others]
     work = Path(args.work or tempfile.mkdtemp(prefix="distill-bench-"))
     t0 = time.perf_counter()
     rows = []

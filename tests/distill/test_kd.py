@@ -57,7 +57,7 @@ def test_kd_loss_matches_the_plain_torch_oracle(alpha, T, hard):
     guide = Teacher(teacher, ((0.5,) * 3, (0.5,) * 3))
     step = KDLoss(cfg, guide, student, x[:2])(student, guide, x, y)
     # the teacher's view re-normalised by hand from the data's mean/std (0.5) to the model's (ImageNet defaults)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (teacher.pretrained_cfg["mean"], teacher.pretrained_cfg["std"]))
+    mean, std = (torch.tensor(teacher.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     z_t = teacher((x * 0.5 + 0.5 - mean) / std)
     expected = oracle_kd(student(x), z_t, y, alpha, T, hard)
     torch.testing.assert_close(step.loss, expected, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,8 @@
-"""`vk.distill(teacher, student, data, method=...)`: a registered method's loss around the student, trained by `vk.fit`."""
+"""`vk.distill(teacher, student, data, method=...)`: a registered method's loss around the student, trained by
+`vk.fit`."""
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Optional
@@ -60,9 +62,9 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
 
     example = torch.stack([data[i][0] for i in range(min(2, len(data)))])
     loss = spec.loss(cfg, guide, student, example)
-    seed, epochs = fit_kwargs.get("seed", 0), fit_kwargs.get("epochs", 10)
-    train = loss.prepare_data(data, guide, epochs=epochs, seed=seed, batch_size=fit_kwargs.get("batch_size", 64),
-                              progress=fit_kwargs.get("progress", True))
+    setting = {k: fit_kwargs.get(k, p.default) for k, p in inspect.signature(fit).parameters.items()}
+    train = loss.prepare_data(data, guide, epochs=setting["epochs"], seed=setting["seed"],
+                              batch_size=setting["batch_size"], progress=setting["progress"])
     model = Distiller(student, loss, guide)
     model.__dict__["_vitkit_applied"] = [*applied(student), Applied(f"distill-{method}", cfg)]  # resume checks
     result = fit(model, train, val, out_dir=out_dir, save_model=False, **fit_kwargs)
