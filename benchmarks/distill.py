@@ -141,7 +141,7 @@ def throughput_big_teacher(parts, args, work: Path) -> dict:
 
 def ddp(args) -> None:
     """One kd and one logit-cache run on 2 processes (torchrun / accelerate launch): each rank trains on half of
-    every batch's images, the cache is written by both ranks (shard j by rank j % 2)."""
+    every batch's images, the cache is written by both ranks (the (epoch, shard) pairs alternate)."""
     teacher, parts = setup(args)
     run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "0")  # the same on every rank
     work = Path(args.work or Path(tempfile.gettempdir()) / f"vitkit-distill-ddp-{run_id}")
