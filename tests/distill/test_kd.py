@@ -3,7 +3,6 @@ equivalence at α = 0, the frozen teacher, ViT → CNN, save/load, bench backbon
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import timm

@@ -3,8 +3,9 @@ fill rule, cached = online KD, refusals (corrupt, truncated, other teacher / tra
 from __future__ import annotations
 
 import copy
-import json
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,32 +146,39 @@ def _break_commit(root):
     (root / "epoch_0001/shard_00000.json").unlink()
 
 
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """One complete cache (2 epochs x 3 shards); tests damage copies of it."""
+    teacher, student = models()
+    return write(tmp_path_factory.mktemp("written"), teacher, student, digits(student))
+
+
 @pytest.mark.parametrize("damage,message", [(_break_truncate, "truncated"), (_break_flip, "checksum mismatch"),
                                             (_break_commit, "incomplete")], ids=["truncated", "corrupt", "incomplete"])
-def test_damaged_cache_is_refused_with_a_message(tmp_path, damage, message):
-    teacher, student = models()
+def test_damaged_cache_is_refused_with_a_message(tmp_path, written, damage, message):
+    _, student = models()
     data = digits(student)
-    root = write(tmp_path, teacher, student, data)
+    root = Path(shutil.copytree(written, tmp_path / "cache"))
     damage(root)
     with pytest.raises(ValueError, match=message):
         vk.distill(None, student, data, "logit-cache", cache_dir=str(root), shard_size=8, topk=3, epochs=2,
                    out_dir=tmp_path / "again", **RUN)
 
 
-def test_cache_of_another_teacher_or_transform_is_refused(tmp_path):
+def test_cache_of_another_teacher_or_transform_is_refused(tmp_path, written):
     teacher, student = models()
     data = digits(student)
-    root = write(tmp_path, teacher, student, data, epochs=1)
+    root = Path(shutil.copytree(written, tmp_path / "cache"))
     other, _ = models(seed=1)
     with pytest.raises(ValueError, match="another teacher"):
-        write(tmp_path, other, student, data, epochs=1)
+        write(tmp_path, other, student, data)
     flipless = vk.data.Subset(vk.data.digits(), range(20)).with_transform(vk.data.transform(student, train=True,
                                                                                              hflip=0.0))
     with pytest.raises(ValueError, match="another data transform"):
-        vk.distill(None, student, flipless, "logit-cache", cache_dir=str(root), shard_size=8, topk=3, epochs=1,
+        vk.distill(None, student, flipless, "logit-cache", cache_dir=str(root), shard_size=8, topk=3, epochs=2,
                    out_dir=tmp_path / "x", **RUN)
     with pytest.raises(ValueError, match="another k"):
-        write(tmp_path, teacher, student, data, epochs=1, topk=4)
+        write(tmp_path, teacher, student, data, topk=4)
 
 
 def test_half_written_cache_resumes_to_the_same_bytes(tmp_path, monkeypatch):
