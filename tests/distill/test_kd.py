@@ -191,6 +191,7 @@ def test_registry_lists_methods_with_help_and_refuses_unknown_names():
     (dict(alpha=1.5), "kd: `alpha` must be in"),
     (dict(alphaa=0.5), "unknown config field"),
     (dict(temperature=0), "`temperature` must be > 0"),
+    (dict(label_smoothing=0.1), "`label_smoothing` is a setting of vk.fit"),
 ])
 def test_bad_config_is_one_clear_error(kwargs, message):
     teacher, student = models()

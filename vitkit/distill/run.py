@@ -43,6 +43,9 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
     fit_keys = _fit_keys()
     fit_kwargs = {**spec.fit_defaults, **{k: v for k, v in kwargs.items() if k in fit_keys}}
     cfg = make_config(spec, **{k: v for k, v in kwargs.items() if k not in fit_keys})
+    if fit_kwargs.get("label_smoothing"):
+        raise ValueError("distill: `label_smoothing` is a setting of vk.fit's cross-entropy, which distillation "
+                         "replaces by the method's loss; leave it out")
     if not isinstance(student, nn.Module):
         raise TypeError(f"distill: `student` must be a torch model, got {type(student).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
