@@ -239,3 +239,14 @@ def test_saved_student_loads_with_another_class_count_as_a_new_head(tmp_path):
     back = vk.load(tmp_path / "s", num_classes=3)
     assert back.head.out_features == 3
     assert torch.equal(back.blocks[0].attn.qkv.weight, student.blocks[0].attn.qkv.weight)
+
+
+def test_the_data_normalisation_is_read_from_the_transform():
+    """vk.distill re-normalises the teacher's view from the mean/std the data transform used (its Normalize)."""
+    from vitkit.distill.base import transform_stats
+
+    _, student = models()
+    tf = vk.data.transform(student, train=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    mean, std = transform_stats(tf)
+    assert mean == pytest.approx((0.5, 0.4, 0.3)) and std == pytest.approx((0.2, 0.25, 0.3))
+    assert transform_stats(None) is None
