@@ -52,13 +52,16 @@ def test_record_is_4k_plus_4_little_endian_bytes_as_struct_writes_them():
 
 
 def test_dense_target_sums_to_one_and_fills_the_rest_evenly():
+    torch.manual_seed(0)
     probs = torch.softmax(torch.randn(4, 10) * 3, -1)
+    probs[3] = torch.tensor([0.9993, 0.0004, 0.0003] + [0.0] * 7)  # fp16 rounds this top-3 to a sum above 1
     top = probs.topk(3, -1)
     values = top.values.half()  # as stored
+    assert values[3].float().sum() > 1
     dense = dense_from_topk(top.indices, values, 10)
     torch.testing.assert_close(dense.sum(-1), torch.ones(4), atol=1e-3, rtol=0)
-    for row in range(4):  # the fill rule, one entry at a time
-        rest = (1 - values[row].float().sum()) / 7
+    for row in range(4):  # the fill rule, one entry at a time; never negative
+        rest = ((1 - values[row].float().sum()) / 7).clamp_min(0)
         for c in range(10):
             hit = (top.indices[row] == c).nonzero()
             want = values[row, hit[0, 0]].float() if len(hit) else rest

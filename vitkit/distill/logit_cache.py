@@ -11,7 +11,7 @@ Algorithm. *Write* (`write_cache`, once per cache, resumable): per epoch and sam
 transform runs with torch, `random` and numpy seeded from it; teacher → softmax → top-K (descending); record
 `int32 seed | int16 idx[K] | float16 val[K]`. *Read* (`CachedViews`): re-seed, rebuild the identical view, attach
 the record. *Loss*: soft-target CE (T = 1) against the dense target rebuilt from top-K: the stored values at their
-indices, `(1 − Σ top-K)/(C − K)` elsewhere. Ground-truth labels are not used by the loss (only for accuracy).
+indices, `(1 − Σ top-K)/(C − K)` elsewhere (clamped at 0 against fp16 rounding). Ground-truth labels are not used by the loss (only for accuracy).
 
 Plugs in at: data and loss only (`prepare_data` + the loss); any timm student. The cache is refused with a message
 when corrupt, truncated, incomplete, or written for another teacher (weights digest), transform (its repr), K,
