@@ -11,7 +11,8 @@ Algorithm. *Write* (`write_cache`, once per cache, resumable): per epoch and sam
 transform runs with torch, `random` and numpy seeded from it; teacher → softmax → top-K (descending); record
 `int32 seed | int16 idx[K] | float16 val[K]`. *Read* (`CachedViews`): re-seed, rebuild the identical view, attach
 the record. *Loss*: soft-target CE (T = 1) against the dense target rebuilt from top-K: the stored values at their
-indices, `(1 − Σ top-K)/(C − K)` elsewhere (clamped at 0 against fp16 rounding). Ground-truth labels are not used by the loss (only for accuracy).
+indices, `(1 − Σ top-K)/(C − K)` elsewhere (clamped at 0 against fp16 rounding). Ground-truth labels are not used
+by the loss (only for the reported accuracy).
 
 Plugs in at: data and loss only (`prepare_data` + the loss); any timm student. The cache is refused with a message
 when corrupt, truncated, incomplete, or written for another teacher (weights digest), transform (its repr), K,
@@ -20,9 +21,9 @@ teacher; every file is written atomically. Format: `logit_cache_io.py` and `docs
 
 Hand-written here, and why: no maintained library stores teacher logits with replayable augmentation seeds
 (torchdistill and timm run the teacher online). Differs from the reference: mixup/cutmix are not supported in
-cache mode (the spec's v1: replay needs identical batch composition); one record file per shard of samples
-(not per rank; ranks share the (epoch, shard) pairs), so any number of processes can write and read it; the seeds are drawn from (view_seed, epoch,
-shard), so a rewritten shard stores the same seeds.
+cache mode (the spec's v1: replay needs identical batch composition); one record file per shard of samples, not
+per rank (ranks share the (epoch, shard) pairs), so any number of processes can write and read it; the seeds are
+drawn from (view_seed, epoch, shard), so a rewritten shard stores the same seeds.
 """
 from __future__ import annotations
 
