@@ -84,6 +84,7 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
         raise TypeError(f"vk.load: `base=` is for a vk.save or PEFT adapter folder; `{source}` is not one")
     if source in EMBEDDED:
         entry = EMBEDDED[source]
+        check_int_args(timm_kwargs)
         clashes = {k: v for k, v in timm_kwargs.items() if k in entry["model_args"] and v != entry["model_args"][k]}
         if clashes:  # e.g. num_heads=8 on a 4-head checkpoint: the weights would load and compute something else
             given = ", ".join(f"{k}={v!r}" for k, v in clashes.items())
@@ -222,12 +223,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 _INT_ARGS = ("num_heads", "depth", "embed_dim", "patch_size", "num_classes", "reg_tokens", "in_chans")
 
 
+def check_int_args(args: dict[str, Any]) -> None:
+    """A string from `--model-arg num_heads=four` would fail deep inside timm, unnamed: name it here."""
+    for key in _INT_ARGS:
+        if key in args and (isinstance(args[key], bool) or not isinstance(args[key], int) or args[key] < 0):
+            raise ValueError(f"model argument `{key}` must be a whole number >= 0, got {args[key]!r}")
+
+
 def build_vit(model_args: dict[str, Any]) -> VisionTransformer:
     """A `VisionTransformer` from JSON-friendly args (`norm_eps` becomes a LayerNorm partial)."""
     args = dict(model_args)
-    for key in _INT_ARGS:  # a string from `--model-arg num_heads=four` would fail deep inside timm, unnamed
-        if key in args and (isinstance(args[key], bool) or not isinstance(args[key], int) or args[key] < 0):
-            raise ValueError(f"model argument `{key}` must be a whole number >= 0, got {args[key]!r}")
+    check_int_args(args)
     eps = args.pop("norm_eps", None)
     if eps is not None and "norm_layer" not in args:
         args["norm_layer"] = partial(nn.LayerNorm, eps=eps)
