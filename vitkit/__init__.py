@@ -87,6 +87,7 @@ from .explain import attention, explain, segment, similarity_overlap  # vk.expla
 from .bench import bench  # vk.bench: backbones x methods x protocols
 from . import robust  # vk.robust: the attack registry, AttackResult, pixel_transform
 from .robust import attack  # vk.attack: pgd, fgsm, ...
+from .robust.swarm import audit  # vk.audit: the SWARM switchable-backdoor audit of prompt adapters
 
 
 def apply(model, name: str, **config):
@@ -120,7 +121,8 @@ def compress(model, name: str, **config):
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
            "attention", "explain", "segment", "similarity_overlap", "bench",
-           "robust", "attack"]
+           "robust", "attack",
+           "audit"]
 
 for _name in __all__:  # verbs whose subpackage was imported while this file ran (explain, bench, info, ...)
     _value = globals()[_name]
