@@ -196,6 +196,11 @@ def torchattacks_setup(ctx: AttackContext, name: str, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- result
+def _fraction(hits: torch.Tensor) -> float:
+    """Fraction of True in a bool tensor, as count / total (NaN when empty)."""
+    return int(hits.sum()) / hits.numel() if hits.numel() else float("nan")
+
+
 @dataclass
 class AttackResult:
     """What `vk.attack` returns. `x_adv, report = vk.attack(...)` unpacks to (images, report()).
@@ -231,12 +236,12 @@ class AttackResult:
 
     @property
     def clean_accuracy(self) -> float:
-        return float((self.clean_pred == self.labels).float().mean()) if self.n else float("nan")
+        return _fraction(self.clean_pred == self.labels)
 
     @property
     def robust_accuracy(self) -> float:
         """Fraction of all samples still classified correctly after the attack."""
-        return float((self.adv_pred == self.labels).float().mean()) if self.n else float("nan")
+        return _fraction(self.adv_pred == self.labels)
 
     @property
     def attack_success_rate(self) -> float:
@@ -249,7 +254,7 @@ class AttackResult:
             success = self.adv_pred == self.targets
         else:
             success = self.adv_pred != self.labels
-        return float(success[eligible].float().mean()) if eligible.any() else float("nan")
+        return _fraction(success[eligible])
 
     def perturbation(self) -> dict:
         """Largest L∞ and L2 norm of `images − clean` over the samples (pixel units)."""
@@ -405,11 +410,13 @@ def attack(model: nn.Module, images: torch.Tensor, labels=None, method: str = "p
     else:
         labels_from = "given"
     guide = t_all if t_all is not None else y_all
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     out = []
     with frozen(model), Progress(TextColumn(f"[bold]attack {method}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), disable=not progress, transient=True) as bar:
+                                 TimeElapsedColumn(), console=Console(stderr=True), disable=not progress,
+                                 transient=True) as bar:
         task = bar.add_task("", total=n)
         torch_atk = spec.torchattacks(ctx, cfg) if backend == "torchattacks" else None
         for i in range(0, n, batch_size):

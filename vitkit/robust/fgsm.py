@@ -26,8 +26,8 @@ from .pgd import check_common
 @dataclass(frozen=True)
 class Config:
     eps: float = field(default=8 / 255, metadata={
-        "help": "step size = radius of the ε ball in pixel units of [0, 1] images (L∞: per pixel, e.g. 8/255; "
-                "L2: of the whole perturbation)"})
+        "help": "radius of the ε ball (FGSM: also the step) in pixel units of [0, 1] images (L∞: per pixel, "
+                "e.g. 8/255; L2: of the whole perturbation, e.g. 0.5)"})
     norm: Literal["linf", "l2"] = field(default="linf", metadata={"help": "the threat model's norm: linf or l2"})
 
     def __post_init__(self):
