@@ -8,6 +8,8 @@ runner never reads chain strings again. Protocols (Battle of the Backbones):
   methods (an adapter that never trains leaves features unchanged, so such cells would repeat the baseline);
 * `finetune` trains what the chain makes trainable with `vk.fit` on a fixed budget; a chain with no `adapt`
   method is fine-tuned in full (the baseline cell is full fine-tuning).
+* `robust` trains as `finetune` does, then reports robust accuracy under the recipe's `robust:` attack (PGD at a
+  stated ε by default; `vitkit/robust/bench.py`) beside the clean accuracy of the same images.
 
 Loading validates everything before any cell runs (`RecipeError`, one line naming the file and field): YAML
 syntax, keys, methods and config fields, protocols, OOD variants, tasks that cannot be split into `train` +
@@ -28,7 +30,8 @@ import yaml
 
 from vitkit import registry
 
-PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval")
+PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval", "robust")
+TRAINED = ("finetune", "robust")  # protocols that fine-tune the chain
 PROBES = ("linear", "knn", "fewshot", "retrieval")
 OOD_VARIANTS = ("rotate15", "rotate30", "rotate90", "noise0.1", "noise0.2", "invert", "jpeg30", "jpeg10")
 DEFAULT_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-test-jpeg" / "test"
@@ -159,7 +162,7 @@ class Cell:
 
     @property
     def kind(self) -> str:
-        return "perf" if self.protocol == "perf" else "finetune" if self.protocol == "finetune" else "probe"
+        return "perf" if self.protocol == "perf" else "finetune" if self.protocol in TRAINED else "probe"
 
     @property
     def id(self) -> str:
@@ -193,6 +196,7 @@ class Recipe:
     perf: bool = True
     perf_batch: int = 8
     fewshot: tuple = (("shots", 5), ("draws", 5))
+    robust: str = "{}"  # the `robust` protocol's attack, canonical JSON (vitkit.robust.bench.parse)
     resources: tuple = ()  # ((kind, Resources), ...)
     max_retries: int = 1
     source: str = "recipe"
@@ -202,12 +206,14 @@ class Recipe:
 
     def settings(self, protocol: str, chain: Chain, device: str, fingerprint: Optional[dict] = None) -> str:
         """What besides (backbone, chain, task, protocol, seed) changes a cell's result, as canonical JSON."""
-        if protocol == "finetune":
+        if protocol in TRAINED:
             budget = asdict(self.budget)
             budget.update(lr=self.budget.lr_for(chain), grid=list(self.budget.grid_for(chain)))
             budget.pop("full_lr")
             budget.pop("tune")
             out = {"budget": budget, "ood": list(self.ood), "device": device.split(":")[0]}
+            if protocol == "robust":  # the attack, its full config and the number of images attacked
+                out.update(robust=json.loads(self.robust), ood=[])
         elif protocol == "perf":
             out = {"perf_batch": self.perf_batch, "fingerprint": fingerprint or {"device": device}}
         elif protocol == "fewshot":
@@ -227,7 +233,7 @@ class Recipe:
             for chain in chains:
                 for task in self.tasks:
                     for protocol in self.protocols:
-                        if protocol != "finetune" and chain.adapter:
+                        if protocol not in TRAINED and chain.adapter:
                             continue
                         settings = self.settings(protocol, chain, device)
                         out.extend(Cell(backbone, chain, task, protocol, seed, settings) for seed in self.seeds)
@@ -303,7 +309,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 KNOWN_KEYS = {"backbones", "chains", "methods", "tasks", "protocols", "seeds", "budget", "ood", "perf", "perf_batch",
-              "fewshot", "resources"}
+              "fewshot", "resources", "robust"}
 
 
 def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = True) -> Recipe:
@@ -403,6 +409,13 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
             fail(f"fewshot: shots={fewshot['shots']} needs at least that many train images per class; task "
                  f"`{task.name}` has train={task.train}")
 
+    from vitkit.robust.bench import parse as parse_robust
+
+    try:
+        robust = parse_robust(raw.get("robust"))
+    except (ValueError, TypeError) as err:
+        fail(f"robust: {err}")
+
     resources = {}
     res_raw = dict(raw.get("resources") or {})
     max_retries = int(res_raw.pop("max_retries", 1))
@@ -423,7 +436,8 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
     return Recipe(backbones=backbones, chains=tuple(chains), tasks=tuple(tasks), protocols=protocols,
                   seeds=tuple(int(s) for s in raw.get("seeds", (0,))), budget=budget, ood=ood,
                   perf=bool(raw.get("perf", True)), perf_batch=int(raw.get("perf_batch", 8)),
-                  fewshot=tuple(sorted(fewshot.items())), resources=tuple(sorted(resources.items())),
+                  fewshot=tuple(sorted(fewshot.items())), robust=json.dumps(robust, sort_keys=True),
+                  resources=tuple(sorted(resources.items())),
                   max_retries=max_retries, source=where)
 
 

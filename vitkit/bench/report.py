@@ -11,9 +11,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-ACC_PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval")
+ACC_PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval", "robust")
 COLUMN = {"linear": "linear", "knn": "knn", "finetune": "finetune", "fewshot": "fewshot (± std)",
-          "retrieval": "retrieval MAP@R"}
+          "retrieval": "retrieval MAP@R", "robust": "robust (clean)"}
 
 
 def _latest_ok(rows: list[dict]) -> list[dict]:
@@ -56,6 +56,8 @@ def _fmt(value, spec: str = ".3f", scale: float = 1.0) -> str:
 
 
 def _acc_text(row: dict) -> str:
+    if row.get("clean_acc") is not None:  # the robust protocol: robust accuracy (clean accuracy, same images)
+        return f"{row['acc']:.3f} ({row['clean_acc']:.3f})"
     return f"{row['acc']:.3f} ± {row['acc_std']:.3f}" if row.get("acc_std") is not None else f"{row['acc']:.3f}"
 
 
@@ -100,6 +102,7 @@ def markdown(rows: list[dict]) -> str:
                 _fmt(max(ood) if ood else None)]
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
+    lines += _robust_notes(rows)
     ranked, incomplete = zscores(rows)
     if ranked:
         lines += ["## Ranking (mean z-score over shared settings)", "", "| rank | backbone | chain | mean z | settings |",
@@ -111,6 +114,20 @@ def markdown(rows: list[dict]) -> str:
         lines.append("")
     lines += _failed_cells(rows, "## Failed cells", width=200)
     return "\n".join(lines)
+
+
+def _robust_notes(rows: list[dict]) -> list[str]:
+    """One line per attack setting of the `robust` rows: what `robust (clean)` measured."""
+    settings = sorted({json.dumps(r["robust"]["config"] | {"method": r["robust"]["method"], "n": r.get("n_attacked")},
+                                  sort_keys=True) for r in rows if r["protocol"] == "robust" and r.get("robust")})
+    lines = []
+    for text in settings:
+        s = json.loads(text)
+        extra = ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("method", "eps", "norm", "n"))
+        lines.append(f"robust (clean): accuracy under {s['method']} ({s.get('norm', '-')}, ε = {s['eps']:.6g} = "
+                     f"{255 * s['eps']:.3g}/255 in pixel units; {extra}) on {s['n']} evaluation images, and their "
+                     "clean accuracy in brackets.")
+    return lines + [""] if lines else []
 
 
 def plot(rows: list[dict], folder: Path) -> list[Path]:
@@ -139,7 +156,8 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
                 elif kind == "acc_vs_trainable" and r["protocol"] == "finetune":
                     points.append((max(r["trainable_params"], 1), r["acc"], r))
             for x, y, r in points:
-                marker = {"linear": "o", "knn": "s", "finetune": "^", "fewshot": "v", "retrieval": "D"}[r["protocol"]]
+                marker = {"linear": "o", "knn": "s", "finetune": "^", "fewshot": "v", "retrieval": "D",
+                          "robust": "x"}[r["protocol"]]
                 ax.scatter(x, y, marker=marker)
                 ax.annotate(f"{r['backbone']}/{r['chain']}/{r['protocol']}", (x, y), fontsize=6)
             if kind == "pareto_acc_throughput" and points:

@@ -30,7 +30,7 @@ import torch
 from vitkit.io import atomic_write
 
 from . import report
-from .recipe import BASELINE, Cell, Recipe, Task, load_recipe
+from .recipe import BASELINE, TRAINED, Cell, Recipe, Task, load_recipe
 
 _log = logging.getLogger("vitkit")
 NODE_RESOURCE = "vitkit_node"  # one per Ray node; a perf cell takes all of it, every other cell a sliver
@@ -160,7 +160,7 @@ def build(cell: Cell, num_classes: Optional[int] = None, *, post: bool = True):
 
     torch.manual_seed(cell.seed)
     model = vk.load(cell.backbone.source, num_classes=num_classes, **cell.backbone.args)
-    if cell.protocol == "finetune" and not cell.chain.adapter:
+    if cell.protocol in TRAINED and not cell.chain.adapter:
         vk.adapt(model, "full")  # a chain without adapters is fine-tuned end to end
     if post or cell.chain.adapter:
         cell.chain.apply(model)
@@ -314,7 +314,7 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
     train, evaluation, split_sha = task_data(cell.task)
     row = {"split_sha256": split_sha, "n_train": len(train), "n_eval": len(evaluation)}
     classes = len(train.classes)
-    if cell.protocol == "finetune":
+    if cell.protocol in TRAINED:
         post = bool(cell.chain.steps) and not cell.chain.adapter
         fit_cell = cell.with_chain(BASELINE) if post else cell
         model, transform, fit_info = _fit(fit_cell, recipe, cells_dir, classes, device, resume or post)
@@ -364,9 +364,15 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
             return scores_report(score(train_f, train_y, test_f, classes), labels, classes)["top1"]
 
     row["params"] = info.total_params
-    row["dtype"] = _dtype(model, device) + ("+bf16-autocast" if cell.protocol == "finetune" and device.startswith("cuda")
+    row["dtype"] = _dtype(model, device) + ("+bf16-autocast" if cell.protocol in TRAINED and device.startswith("cuda")
                                             else "")
     row["acc"] = evaluate()
+    if cell.protocol == "robust":  # acc: robust accuracy; clean_acc: the same images unattacked
+        from vitkit.robust.bench import robust_accuracy
+
+        row.update(robust_accuracy(model, evaluation, json.loads(cell.settings)["robust"], cell.backbone.data,
+                                   cell.seed, device))
+        return row
     if recipe.ood:
         from .ood import OODDataset
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from fractions import Fraction
 from pathlib import Path
 
 
@@ -23,7 +22,8 @@ def number(text: str):
     text = str(text).strip()
     if "/" in text:
         try:
-            return float(Fraction(text))
+            top, bottom = text.split("/")
+            return float(top) / float(bottom)
         except (ValueError, ZeroDivisionError):
             raise ValueError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
     return parse_value(text)
