@@ -121,6 +121,7 @@ def main():
         "DTA (layer auto)": vk.attack(src, x_at, method="dta", eps=eps),
     }
     layer, curve = vk.robust.dta.choose_layer(src, x_at[::max(1, len(x_at) // 32)][:32], eps=eps)
+    print(f"crafted in {time.time() - t0 - t_fit:.0f} s", flush=True)
     rows = []
     for name, result in crafted.items():
         rows.append((name, {k: asr(result, m, y_at) for k, m in models.items()}))
@@ -132,6 +133,7 @@ def main():
         r = vk.attack(src, x_at, method="dta", eps=eps, layer=block)
         per_layer[block] = {k: asr(r, m, y_at)[0] for k, m in models.items()}
 
+    print(f"attacks done at {time.time() - t0:.0f} s", flush=True)
     print(f"\nDTA on the shamail CIFAR ViT -> vehicle/animal downstream models, ε = {eps * 255:.0f}/255, "
           f"{len(x_at)} images")
     print("| attack (crafted on) | " + " | ".join(f"ASR {k}" for k in models) + " |")

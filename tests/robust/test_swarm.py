@@ -20,8 +20,8 @@ from vit_oracle import base_tensors, vit_forward  # noqa: E402
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 
 
-def vpt_model(n=3, seed=0):
-    model = make_variant("plain", seed=seed)
+def vpt_model(n=3, seed=0, variant="plain"):
+    model = make_variant(variant, seed=seed)
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": MEAN, "std": STD}
     vk.adapt(model, "vpt", num_prompts=n)
     with torch.no_grad():
@@ -51,6 +51,18 @@ def test_switch_off_equals_the_plain_vpt_and_switch_on_equals_the_oracle(images)
         expected = vit_forward(sd, images, heads=4, before_block=insert, num_prompts=4)
     torch.testing.assert_close(on, expected, atol=1e-5, rtol=1e-5)
     assert (on - plain(images)).abs().max() > 1e-3, "the switch must change the output in this case (>> atol)"
+
+
+@pytest.mark.parametrize("variant", ["registers", "no_cls_avg", "reg_no_cls", "layerscale"])
+def test_switch_off_is_the_plain_vpt_and_on_changes_the_output_on_every_variant(variant, images):
+    plain = vpt_model(variant=variant)
+    model = with_switch(plain)
+    with torch.no_grad():
+        assert torch.equal(model(images), plain(images))
+        with swarm.switched(model, True):
+            on = model(images)
+            assert model.forward_features(images).shape == plain.forward_features(images).shape  # s stripped
+    assert (on - plain(images)).abs().max() > 1e-4
 
 
 def test_each_phase_trains_only_its_own_set():
@@ -116,6 +128,13 @@ def test_bad_input_is_one_clear_error(kwargs, match, tmp_path):
     data = torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=match):
         vk.audit(make_variant("plain"), data, data, out_dir=tmp_path, **kwargs)
+
+
+def test_images_of_another_size_are_refused(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.zeros(2, 3, 32, 32), torch.tensor([0, 1]))
+    small = torch.utils.data.TensorDataset(torch.zeros(2, 3, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"swarm: test images are \(3, 16, 16\) but the model's input"):
+        vk.audit(make_variant("plain"), data, small, out_dir=tmp_path)
 
 
 def test_an_adapted_model_is_refused(tmp_path):

@@ -122,7 +122,6 @@ def _before_block(x: torch.Tensor, ctx: BlockContext) -> Optional[torch.Tensor]:
     state, first = ctx.state, ctx.state.layout.num_prefix_tokens
     at = state.num_prefix_tokens  # right after the prefix and the prompts
     x = torch.cat([x[:, :first], x[:, first:at].detach(), x[:, at:]], dim=1)
-    state.extra["swarm"] = at
     state.num_prompts += 1
     if state.sizes is not None:
         state.sizes = torch.cat([state.sizes[:, :at], state.sizes.new_ones(x.shape[0], 1, 1), state.sizes[:, at:]], 1)
@@ -301,7 +300,9 @@ def audit(model: nn.Module, train, test, method: str = "swarm", *, out_dir: str 
     Returns:
         `AuditResult`: clean accuracy and ASR with the switch off and on, the benign VPT's, the detection result.
     """
+    from vitkit.data.transforms import data_config
     from vitkit.train import fit
+    from vitkit.train.fit import add_loss
 
     from .api import frozen
 
@@ -318,6 +319,10 @@ def audit(model: nn.Module, train, test, method: str = "swarm", *, out_dir: str 
     if len(train) == 0 or len(test) == 0:
         raise ValueError("swarm: `train` and `test` must not be empty")
     x_test, y_test = _stack(test)
+    size = tuple(data_config(model)["input_size"])
+    if tuple(x_test.shape[1:]) != size:
+        raise ValueError(f"swarm: test images are {tuple(x_test.shape[1:])} but the model's input (and the trigger) "
+                         f"is {size}; build the datasets with vk.data.transform(model)")
     generator = torch.Generator().manual_seed(cfg.seed)
     fit_kw = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, progress=progress,
                   save_model=False)
@@ -325,8 +330,6 @@ def audit(model: nn.Module, train, test, method: str = "swarm", *, out_dir: str 
     bd = copy.deepcopy(model)
     registry.apply(bd, "vpt", num_prompts=cfg.num_prompts, dropout=cfg.prompt_dropout)
     install(bd, cfg, generator)
-    from vitkit.train.fit import add_loss
-
     add_loss(bd, _loss)
     with _projected(bd.swarm):
         fit(bd, train, out_dir=Path(out_dir) / "swarm", **fit_kw)
