@@ -31,6 +31,7 @@ Spec: ../shared/methods/robust.md R2. Docs: docs/robust.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Literal, Union
@@ -134,7 +135,7 @@ def choose_layer(source: nn.Module, images: torch.Tensor, *, seed: int = 0, mean
     dev = next(source.parameters()).device
     ctx = AttackContext(source, _stat_tensor(m, dev), _stat_tensor(s, dev), generator=torch.Generator().manual_seed(seed))
     with frozen(source):
-        return _choose(ctx, x.to(dev), Config(**{**vars(cfg), "probe": x.shape[0]}))
+        return _choose(ctx, x.to(dev), dataclasses.replace(cfg, probe=x.shape[0]))
 
 
 def run(ctx: AttackContext, x: torch.Tensor, y, cfg: Config) -> torch.Tensor:
