@@ -13,7 +13,8 @@ a plot) and the block layer="auto" picks.
 SWARM. The audit (vk.audit) on the 10-class CIFAR task: VPT-shallow with --prompts prompts, --swarm-epochs
 epochs on --swarm-train-per-class JPEGs per class, tested on --swarm-test-per-class others.
 
-    OMP_NUM_THREADS=2 python benchmarks/dta.py                  # writes benchmarks/results/dta/*.json, *.png
+    OMP_NUM_THREADS=1 python benchmarks/dta.py --skip-swarm     # DTA: results/dta/dta.json, dta_per_layer.png
+    OMP_NUM_THREADS=1 python benchmarks/dta.py --skip-dta       # SWARM audit: results/dta/swarm.json
 """
 from __future__ import annotations
 
@@ -81,30 +82,12 @@ def asr(result, model, y):
     return r.attack_success_rate, r.clean_accuracy
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-per-class", type=int, default=100)
-    ap.add_argument("--attack-per-class", type=int, default=20)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--eps", type=float, default=10 / 255)
-    ap.add_argument("--swarm-train-per-class", type=int, default=50)
-    ap.add_argument("--swarm-test-per-class", type=int, default=20)
-    ap.add_argument("--swarm-epochs", type=int, default=5)
-    ap.add_argument("--prompts", type=int, default=10)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dta"))
-    ap.add_argument("--skip-swarm", action="store_true")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("vitkit").setLevel(logging.WARNING)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+def run_dta(args, out: Path, t0: float) -> dict:
     results: dict = {"args": vars(args)}
-
     # --- downstream models ------------------------------------------------------------------------------
     x_tr, y_tr = pixels(args.train_per_class, 0, binary=True)
     x_at, y_at = pixels(args.attack_per_class, 500, binary=True)
-    models = {k: downstream(k, normalised(x_tr, y_tr), args.epochs, out / "runs") for k in ("lora", "full", "vpt")}
+    models = {k: downstream(k, normalised(x_tr, y_tr), args.epochs, Path(args.runs)) for k in ("lora", "full", "vpt")}
     t_fit = time.time() - t0
     print(f"downstream task vehicle/animal: {len(x_tr)} train, {len(x_at)} attack images; fine-tuned in "
           f"{t_fit:.0f} s")
@@ -166,22 +149,53 @@ def main():
     fig.tight_layout()
     fig.savefig(out / "dta_per_layer.png", dpi=120)
 
-    # --- SWARM audit ----------------------------------------------------------------------------------------
-    if not args.skip_swarm:
-        t1 = time.time()
-        x_s, y_s = pixels(args.swarm_train_per_class, 0, binary=False)
-        x_t, y_t = pixels(args.swarm_test_per_class, 500, binary=False)
-        audit = vk.audit(source(), normalised(x_s, y_s), normalised(x_t, y_t), num_prompts=args.prompts,
-                         epochs=args.swarm_epochs, out_dir=out / "runs" / "audit", progress=False)
-        print(f"\nSWARM audit, CIFAR-10 (10 classes), {len(x_s)} train / {len(x_t)} test images, "
-              f"{args.prompts} prompts, {args.swarm_epochs} epochs, target class 0 ({CLASSES[0]}), "
-              f"{time.time() - t1:.0f} s")
-        print(audit.table())
-        print(f"target-class rate on clean non-target images, switch off: {audit.figures['target_rate_off']:.3f}")
-        results["swarm"] = audit.report()
+    return results
 
-    (out / "dta.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"\ntotal {time.time() - t0:.0f} s; {out / 'dta.json'}, {out / 'dta_per_layer.png'}")
+
+def run_swarm(args) -> dict:
+    t1 = time.time()
+    x_s, y_s = pixels(args.swarm_train_per_class, 0, binary=False)
+    x_t, y_t = pixels(args.swarm_test_per_class, 500, binary=False)
+    audit = vk.audit(source(), normalised(x_s, y_s), normalised(x_t, y_t), num_prompts=args.prompts,
+                     epochs=args.swarm_epochs, lr=args.swarm_lr, out_dir=Path(args.runs) / "audit", progress=False)
+    print(f"\nSWARM audit, CIFAR-10 (10 classes), {len(x_s)} train / {len(x_t)} test images, "
+          f"{args.prompts} prompts, {args.swarm_epochs} epochs at lr {args.swarm_lr:g}, target class 0 ({CLASSES[0]}), "
+          f"{time.time() - t1:.0f} s")
+    print(audit.table())
+    print(f"target-class rate on clean non-target images, switch off: {audit.figures['target_rate_off']:.3f}")
+
+    return {"args": vars(args), "swarm": audit.report()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train-per-class", type=int, default=60)
+    ap.add_argument("--attack-per-class", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--eps", type=float, default=10 / 255)
+    ap.add_argument("--swarm-train-per-class", type=int, default=50)
+    ap.add_argument("--swarm-test-per-class", type=int, default=20)
+    ap.add_argument("--swarm-epochs", type=int, default=8)
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--swarm-lr", type=float, default=1e-2)
+    ap.add_argument("--skip-dta", action="store_true", help="run the SWARM audit only")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dta"))
+    ap.add_argument("--runs", default="runs/bench-dta", help="vk.fit's run folders (checkpoints, metrics)")
+    ap.add_argument("--skip-swarm", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("vitkit").setLevel(logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    if not args.skip_dta:
+        results = run_dta(args, out, t0)
+        (out / "dta.json").write_text(json.dumps(results, indent=2, default=str))
+    if not args.skip_swarm:
+        results = run_swarm(args)
+        (out / "swarm.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\ntotal {time.time() - t0:.0f} s; results in {out}")
 
 
 if __name__ == "__main__":
