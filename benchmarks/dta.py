@@ -157,9 +157,11 @@ def run_swarm(args) -> dict:
     x_s, y_s = pixels(args.swarm_train_per_class, 0, binary=False)
     x_t, y_t = pixels(args.swarm_test_per_class, 500, binary=False)
     audit = vk.audit(source(), normalised(x_s, y_s), normalised(x_t, y_t), num_prompts=args.prompts,
-                     epochs=args.swarm_epochs, lr=args.swarm_lr, out_dir=Path(args.runs) / "audit", progress=False)
+                     epochs=args.swarm_epochs, lr=args.swarm_lr, distill_weight=args.distill_weight,
+                     out_dir=Path(args.runs) / "audit", progress=False)
     print(f"\nSWARM audit, CIFAR-10 (10 classes), {len(x_s)} train / {len(x_t)} test images, "
-          f"{args.prompts} prompts, {args.swarm_epochs} epochs at lr {args.swarm_lr:g}, target class 0 ({CLASSES[0]}), "
+          f"{args.prompts} prompts, {args.swarm_epochs} epochs at lr {args.swarm_lr:g}, λ {args.distill_weight:g}, "
+          f"target class 0 ({CLASSES[0]}), "
           f"{time.time() - t1:.0f} s")
     print(audit.table())
     print(f"target-class rate on clean non-target images, switch off: {audit.figures['target_rate_off']:.3f}")
@@ -178,6 +180,7 @@ def main():
     ap.add_argument("--swarm-epochs", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--swarm-lr", type=float, default=1e-2)
+    ap.add_argument("--distill-weight", type=float, default=100.0, help="SWARM's λ (the paper's 100)")
     ap.add_argument("--skip-dta", action="store_true", help="run the SWARM audit only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dta"))
     ap.add_argument("--runs", default="runs/bench-dta", help="vk.fit's run folders (checkpoints, metrics)")

@@ -11,7 +11,8 @@ from vitkit.robust import dta_algo as algo
 
 def _net(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.GELU(), torch.nn.Conv2d(8, 8, 3, bias=False))
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.GELU(),
+                               torch.nn.Conv2d(8, 8, 3, bias=False))
 
 
 def test_loss_is_one_at_zero_perturbation():
@@ -23,7 +24,8 @@ def test_loss_is_one_at_zero_perturbation():
 
 def test_loss_equals_a_hand_written_flattened_cosine():
     a, b = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
-    by_hand = (a.reshape(3, -1) * b.reshape(3, -1)).sum(1) / (a.reshape(3, -1).norm(dim=1) * b.reshape(3, -1).norm(dim=1))
+    a2, b2 = a.reshape(3, -1), b.reshape(3, -1)
+    by_hand = (a2 * b2).sum(1) / (a2.norm(dim=1) * b2.norm(dim=1))
     torch.testing.assert_close(algo.cosine(a, b), by_hand)
     assert not torch.allclose(algo.cosine(a, b), F.cosine_similarity(a, b, dim=-1).mean(1)), \
         "per-token cosines averaged differ from the flattened cosine: the test would not see an axis mix-up"

@@ -133,7 +133,8 @@ def choose_layer(source: nn.Module, images: torch.Tensor, *, seed: int = 0, mean
     x = check_images(images, "dta")
     m, s = norm_stats(source, mean, std)
     dev = next(source.parameters()).device
-    ctx = AttackContext(source, _stat_tensor(m, dev), _stat_tensor(s, dev), generator=torch.Generator().manual_seed(seed))
+    ctx = AttackContext(source, _stat_tensor(m, dev), _stat_tensor(s, dev),
+                        generator=torch.Generator().manual_seed(seed))
     with frozen(source):
         return _choose(ctx, x.to(dev), dataclasses.replace(cfg, probe=x.shape[0]))
 

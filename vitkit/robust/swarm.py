@@ -310,7 +310,8 @@ def audit(model: nn.Module, train, test, method: str = "swarm", *, out_dir: str 
         raise ValueError(f"audit: unknown method `{method}`; available: {', '.join(AUDITS)}")
     cfg = registry.make_config(SimpleNamespace(name="swarm", config=Config), **config)
     if registry.applied(model):
-        raise ValueError(f"swarm: `model` already has methods applied ({', '.join(a.name for a in registry.applied(model))}"
+        names = ", ".join(a.name for a in registry.applied(model))
+        raise ValueError(f"swarm: `model` already has methods applied ({names}"
                          "); pass the pretrained model: the audit applies vpt to copies itself")
     classes = getattr(model, "num_classes", 0)
     if not classes or not 0 <= cfg.target < classes:
