@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-import logging
 import pkgutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 
 from vitkit import registry
 
-_log = logging.getLogger("vitkit")
 BACKENDS = ("vitkit", "torchattacks")
 _NOT_ATTACKS = ("api", "commands", "bench")  # modules of vitkit.robust that register nothing
 
