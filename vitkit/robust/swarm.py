@@ -320,6 +320,9 @@ def audit(model: nn.Module, train, test, method: str = "swarm", *, out_dir: str 
     if len(train) == 0 or len(test) == 0:
         raise ValueError("swarm: `train` and `test` must not be empty")
     x_test, y_test = _stack(test)
+    if not (y_test != cfg.target).any():
+        raise ValueError(f"swarm: every test image is of the target class {cfg.target}; the ASR and the detection "
+                         "need test images of other classes")
     size = tuple(data_config(model)["input_size"])
     if tuple(x_test.shape[1:]) != size:
         raise ValueError(f"swarm: test images are {tuple(x_test.shape[1:])} but the model's input (and the trigger) "
