@@ -88,6 +88,7 @@ from .bench import bench  # vk.bench: backbones x methods x protocols
 from . import robust  # vk.robust: the attack registry, AttackResult, pixel_transform
 from .robust import attack  # vk.attack: pgd, fgsm, ...
 from .distill import distill  # vk.distill: teacher -> student (kd, logit-cache, ...)
+from .robust.swarm import audit  # vk.audit: the SWARM switchable-backdoor audit of prompt adapters
 
 
 def apply(model, name: str, **config):
@@ -121,7 +122,7 @@ def compress(model, name: str, **config):
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
            "attention", "explain", "segment", "similarity_overlap", "bench",
-           "robust", "attack", "distill"]
+           "robust", "attack", "audit", "distill"]
 
 for _name in __all__:  # verbs whose subpackage was imported while this file ran (explain, bench, info, ...)
     _value = globals()[_name]

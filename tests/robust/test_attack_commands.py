@@ -19,7 +19,7 @@ def test_help_lists_every_attack_and_config_field(capsys):
         cli.main(["attack", "--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for flag in ("--eps", "--alpha", "--steps", "--random-start", "--norm", "--target", "--backend", "{fgsm,pgd"):
+    for flag in ("--eps", "--alpha", "--steps", "--random-start", "--norm", "--target", "--backend", "{dta,fgsm,pgd", "--layer", "--probe"):
         assert flag in out, flag
 
 

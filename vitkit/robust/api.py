@@ -273,16 +273,21 @@ class AttackResult:
     def __iter__(self):
         return iter((self.images, self.report()))
 
-    def transfer(self, model: nn.Module, *, batch_size: int = 64, mean=None, std=None,
+    def transfer(self, model: nn.Module, *, labels=None, batch_size: int = 64, mean=None, std=None,
                  device: Optional[Union[str, torch.device]] = None) -> "AttackResult":
         """The same clean and adversarial images evaluated on another `model` (transfer, black-box): its
-        predictions, with its own normalisation; labels are these labels when given, else `model`'s own clean
-        predictions."""
+        predictions, with its own normalisation; labels are `labels` (that model's classes, e.g. a downstream
+        task's), else these labels when given, else `model`'s own clean predictions."""
         m, s = norm_stats(model, mean, std)
         clean_pred = predict(model, self.clean, m, s, batch_size, device)
         adv_pred = predict(model, self.images, m, s, batch_size, device)
-        labels = self.labels if self.labels_from == "given" else clean_pred
-        return dataclasses.replace(self, labels=labels, clean_pred=clean_pred, adv_pred=adv_pred, mean=m, std=s)
+        if labels is not None:
+            labels, given = _as_labels(labels, self.n, "labels", getattr(model, "num_classes", None) or None,
+                                       self.method), "given"
+        else:
+            labels, given = (self.labels, "given") if self.labels_from == "given" else (clean_pred, "model")
+        return dataclasses.replace(self, labels=labels, clean_pred=clean_pred, adv_pred=adv_pred, mean=m, std=s,
+                                   labels_from=given)
 
 
 # ---------------------------------------------------------------------------------------------- vk.attack
