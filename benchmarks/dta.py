@@ -26,13 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-# this folder's peft.py would shadow the peft package that vitkit's lora imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-import vitkit as vk  # noqa: E402
-from vitkit.robust import dta_algo  # noqa: E402
+import vitkit as vk
+from vitkit.robust import dta_algo
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = next((p / "shared" for p in ROOT.parents if (p / "shared" / "weights").is_dir()), ROOT.parent / "shared")

@@ -61,3 +61,24 @@ def test_bad_values_are_one_line_with_status_2(tmp_path, capsys, extra, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("vitkit attack: error:"), err
     assert not (tmp_path / "attack.json").exists()
+
+
+def test_a_label_free_attack_is_scored_against_the_datas_labels(tmp_path, capsys):
+    """dta crafts without labels; the command still scores the model's predictions against the data's labels."""
+    argv = ["attack", *TINY_ARGS, "--data", "digits", "--n", "8", "--method", "dta", "--steps", "1", "--no-progress",
+            "--out", str(tmp_path)]
+    torch.manual_seed(0)
+    assert cli.main(argv) == 0
+    report = json.loads((tmp_path / "attack.json").read_text())["reports"][0]
+
+    from vitkit.robust.commands import load_pixels
+
+    torch.manual_seed(0)  # the command's random-init model, scored by hand
+    model = vk.load("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                    embed_dim=32, depth=1, num_heads=2).eval()
+    images, labels, _, _ = load_pixels(model, "digits", 8, 0)
+    with torch.no_grad():
+        mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+        accuracy = (model((images - mean) / std).argmax(1) == labels).float().mean().item()
+    assert report["labels_from"] == "given" and report["clean_accuracy"] == pytest.approx(accuracy)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from vitkit import registry
 
 BACKENDS = ("vitkit", "torchattacks")
-_NOT_ATTACKS = ("api", "commands", "bench")  # modules of vitkit.robust that register nothing
+_NOT_ATTACKS = ("api", "commands", "bench", "swarm")  # swarm: the audit (vk.audit), no attack  # modules of vitkit.robust that register nothing
 
 
 # ---------------------------------------------------------------------------------------------- registry

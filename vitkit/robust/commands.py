@@ -114,14 +114,17 @@ def _run_attack(args: argparse.Namespace) -> None:
                                   if v is not None})
     images, labels, classes, indices = load_pixels(model, args.data, args.n, args.sample_seed, args.skip_bad)
     num_classes = getattr(model, "num_classes", None)
-    if num_classes and len(classes) != num_classes:
+    heads_match = not num_classes or len(classes) == num_classes
+    if not heads_match and spec.needs_labels:
         raise ValueError(f"the model has {num_classes} classes but {args.data} has {len(classes)}; attack a model "
                          f"whose head matches the data (e.g. --num-classes {len(classes)} after fine-tuning)")
     targets = None if args.target is None else args.target
     reports = []
     for eps in eps_list:
         kwargs = dict(config, **({} if eps is None else {"eps": eps}))
-        result = vk.attack(model, images, labels if spec.needs_labels else None, method=args.method, targets=targets,
+        # the data's own labels whenever the head scores them, also for a label-free attack such as dta (its
+        # clean accuracy is then the model's, not 1.0 against its own predictions)
+        result = vk.attack(model, images, labels if heads_match else None, method=args.method, targets=targets,
                            backend=args.backend, batch_size=args.batch_size, seed=args.seed,
                            progress=not args.no_progress, **kwargs)
         reports.append(result.report())
