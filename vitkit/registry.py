@@ -142,15 +142,8 @@ def apply(model: nn.Module, name: str, *, kind: Optional[str] = None, **config) 
 
         record_module_base(model)
     model = method.apply(model, cfg)
-    cfg = model.__dict__.pop("_vitkit_settled_config", cfg)  # see settle_config
     applied(model).append(Applied(name, cfg))
     return model
-
-
-def settle_config(model: nn.Module, cfg: Any) -> None:
-    """Called by an `apply` whose result depends on more than its config (prune-structured's widths, chosen
-    from the weights): `cfg`, not the config it was given, is recorded, so `vk.load` rebuilds the same model."""
-    model.__dict__["_vitkit_settled_config"] = cfg
 
 
 def applied(model: nn.Module) -> list[Applied]:

@@ -36,7 +36,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 from timm.layers.attention import Attention
 
-from vitkit.registry import register, settle_config
+from vitkit.registry import register
 
 _log = logging.getLogger("vitkit")
 
@@ -162,8 +162,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     for n, p in model.named_parameters():  # Torch-Pruning makes new Parameters: keep what trained, what was frozen
         p.requires_grad_(trainable[n])
     model.__dict__["_vitkit_pruned_structure"] = report
-    settle_config(model, replace(cfg, kept_heads=tuple(b.attn.num_heads for b in blocks),
-                                 kept_channels=tuple(b.mlp.fc1.out_features for b in blocks)))
+    model.__dict__["_vitkit_resolved_config"] = replace(  # recorded instead of cfg (vitkit.registry.apply)
+        cfg, kept_heads=tuple(b.attn.num_heads for b in blocks), kept_channels=tuple(b.mlp.fc1.out_features for b in blocks))
     _log.info("prune-structured: heads %s, MLP channels %s per block", [b.attn.num_heads for b in blocks],
               [b.mlp.fc1.out_features for b in blocks])
     return model
