@@ -111,6 +111,12 @@ def _merge_lora(model: nn.Module) -> None:
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
+    from ._quant import quantised_layers
+
+    quantised = quantised_layers(model)
+    if quantised:
+        raise ValueError(f"prune: {quantised[0][0]} is quantised already; prune the float model, then quantise "
+                         "(vk.compress(model, 'prune', ...) before vk.compress(model, 'int8'))")
     _merge_lora(model)
     layers = _common.target_layers(model, cfg.targets, "prune")
     with torch.no_grad():
