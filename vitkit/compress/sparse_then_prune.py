@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -114,9 +114,9 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     return model
 
 
-def finish(model: nn.Module) -> nn.Module:
-    """After fine-tuning: remove the regulariser, prune `sparsity` of the targets by global magnitude (`prune`),
-    and record both (so `vk.save` / `vk.load` rebuild the pruned model). Returns the model."""
+def finish(model: nn.Module, sparsity: Optional[float] = None) -> nn.Module:
+    """After fine-tuning: remove the regulariser, prune `sparsity` (default: the config's) of the targets by
+    global magnitude (`prune`), and record both (so `vk.save` / `vk.load` rebuild the pruned model)."""
     import vitkit as vk
 
     entries = applied(model)
@@ -124,6 +124,7 @@ def finish(model: nn.Module) -> nn.Module:
     if index is None:
         raise ValueError(f"{NAME}: finish(model) needs a model with sparse-then-prune applied (and not finished)")
     cfg = entries[index].config
+    cfg = cfg if sparsity is None else dataclasses.replace(cfg, sparsity=sparsity)  # checks the value first
     for module in model.modules():
         for key in [k for k, hook in module._forward_hooks.items() if isinstance(hook, _Capture)]:
             del module._forward_hooks[key]
