@@ -13,7 +13,7 @@ Parts (`--part`, repeatable; default all):
 - `stp`: the same full-precision digits model against one fine-tuned with the sparse-then-prune penalty
   (`--stp-weight`, all blocks), both pruned by global magnitude at 30-90 %, per seed.
 
-    OMP_NUM_THREADS=2 python benchmarks/compress_structured.py --seeds 0 1 --epochs 3
+    OMP_NUM_THREADS=2 python benchmarks/compress_structured.py --seeds 0 1 --epochs 3 --weights-only
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def _fit(model, train, args, out: str, lr=None):
 
 
 def digits_parts(args) -> None:
-    train, test = digits_split()
+    train, test = digits_split(n_train=args.train_digits)
     rows_b, rows_s = [], []
     for seed in args.seeds:
         torch.manual_seed(seed)
@@ -126,7 +126,7 @@ def digits_parts(args) -> None:
         fp_acc = accuracy(fp, test)
         print(f"seed {seed}: full precision {fp_acc:.4f}", flush=True)
         if "binary" in args.part:
-            for activations in (True, False):
+            for activations in (True, False) if args.weights_only else (True,):
                 model = vk.compress(copy.deepcopy(fp), "binary", activations=activations)
                 start = accuracy(model, test)
                 _fit(model, train, args, f"bin-{seed}-{activations}")
@@ -143,14 +143,15 @@ def digits_parts(args) -> None:
             rows_s.append(row)
             print(f"  stp: {row}", flush=True)
     if rows_b:
-        print(f"\n### binary (BiViT) recovery: embedded model adapted to digits (`full`, {args.epochs} epochs, lr 1e-3), "
-              f"then `binary` fitted {args.epochs} epochs (plain CE, the Config's lr 1e-3); 500 held-out digits\n")
+        print(f"\n### binary (BiViT) recovery: embedded model adapted to {len(train)} digits (`full`, {args.epochs} "
+              f"epochs, lr 1e-3), then `binary` fitted {args.epochs} epochs (plain CE, the Config's lr 1e-3); 500 "
+              "held-out digits\n")
         print("| seed | binarised | full precision | binarised, before fit | after fit | recovery |")
         print("|---|---|---|---|---|---|")
         for seed, act, fp_acc, start, acc in rows_b:
             print(f"| {seed} | {'W1A1 (paper)' if act else 'weights only'} | {fp_acc:.4f} | {start:.4f} | {acc:.4f} | "
                   f"**{acc / fp_acc:.1%}** |")
-        for act in (True, False):
+        for act in sorted({a for _, a, *_ in rows_b}, reverse=True):
             rec = [acc / fp for _, a, fp, _, acc in rows_b if a == act]
             print(f"\n{'W1A1' if act else 'weights only'}: mean recovery {statistics.mean(rec):.1%} over "
                   f"{len(rec)} seed(s)")
@@ -178,6 +179,8 @@ def main() -> None:
     parser.add_argument("--recover-epochs", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-digits", type=int, default=1000, help="training digits (held-out: 500)")
+    parser.add_argument("--weights-only", action="store_true", help="binary: also the weights-only variant")
     parser.add_argument("--stp-weight", type=float, default=0.01)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--out", type=Path, default=Path("runs/compress_structured"))

@@ -56,8 +56,8 @@ class Config:
         "help": "every parameter trains (binarisation-aware training of the whole model, the paper's); False: only "
                 "the binary layers (latent weights, biases, α) and what trained before"})
     lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; best of 3e-4, 1e-3, 3e-3 on the digits task, "
-                "benchmarks/compress_structured.py; the paper's is not released)"})
+        "help": "vk.fit's learning rate unless one is given (AdamW; the paper's recipe is not released; the rate of "
+                "the digits recovery run in benchmarks/compress_structured.py, not tuned)"})
     weight_decay: float = field(default=0.0, metadata={
         "help": "vk.fit's AdamW weight decay unless one is given (0: decay would pull latent weights to the sign "
                 "boundary)"})
