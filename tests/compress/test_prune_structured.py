@@ -131,3 +131,15 @@ def test_refuses_wrapped_linears():
     model.blocks[2].attn.qkv = torch.nn.Sequential(model.blocks[2].attn.qkv)  # as an unmerged adapter would
     with pytest.raises(ValueError, match="block 2's attn.qkv \\(Sequential\\) are wrapped.*merge adapters first"):
         vk.compress(model, "prune-structured")
+
+
+def test_composes_with_token_methods_in_either_order(images):
+    """Torch-Pruning cannot trace through token merging; the structure is traced without it, same result."""
+    before, after = make_variant("plain"), make_variant("plain")
+    vk.accelerate(before, "tome", r=4)
+    vk.compress(before, "prune-structured", heads=0.25, channels=0.25)
+    vk.compress(after, "prune-structured", heads=0.25, channels=0.25)
+    vk.accelerate(after, "tome", r=4)
+    with torch.no_grad():
+        torch.testing.assert_close(before(images), after(images), atol=0, rtol=0)
+    assert [a.name for a in vk.applied(before)] == ["tome", "prune-structured"]

@@ -106,17 +106,7 @@ def _counts(kept: tuple[int, ...], fraction: float, sizes: list[int], what: str,
     return [min(int(fraction * s / unit + 0.5) * unit, s - 1) for s in sizes]
 
 
-def _importance(cfg: Config):
-    import torch_pruning as tp
-
-    if cfg.importance == "random":
-        return tp.importance.RandomImportance()
-    return tp.importance.GroupMagnitudeImportance(p=2 if cfg.importance == "l2" else 1)
-
-
-def _lowest(scores: torch.Tensor, n: int, cfg: Config) -> list[int]:
-    if cfg.importance == "random":  # Torch-Pruning's random importance draws from the global RNG: seed it here
-        scores = torch.rand(len(scores), generator=torch.Generator().manual_seed(cfg.seed))
+def _lowest(scores: torch.Tensor, n: int) -> list[int]:
     return sorted(torch.argsort(scores.float(), stable=True)[:n].tolist())
 
 
@@ -133,11 +123,24 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     example = torch.randn(1, model.patch_embed.proj.in_channels, *size, device=ref.device, dtype=ref.dtype)
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     per_head_norms = [n for b in blocks for n in (b.attn.q_norm, b.attn.k_norm) if not isinstance(n, nn.Identity)]
-    with warnings.catch_warnings(), torch.enable_grad():
-        warnings.simplefilter("ignore")  # "unwrapped parameters" (cls_token, pos_embed): the width is never cut
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, ignored_layers=per_head_norms,
-                                                      verbose=False)
-    importance = _importance(cfg)
+    runner = model.__dict__.get("_vitkit_runner")  # traced without token methods or prompts: they change the
+    extensions = runner.extensions if runner is not None else None  # tokens (which Torch-Pruning cannot trace
+    if runner is not None:  # through), never the channels
+        runner.extensions = {point: [] for point in extensions}
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")  # "unwrapped parameters" (cls_token, pos_embed): the width is never cut
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                          ignored_layers=per_head_norms, verbose=False)
+    finally:
+        if runner is not None:
+            runner.extensions = extensions
+    magnitude = tp.importance.GroupMagnitudeImportance(p=2 if cfg.importance == "l2" else 1)
+    rng = torch.Generator().manual_seed(cfg.seed)
+
+    def importance(group, n: int) -> torch.Tensor:  # one score per channel of the group's root
+        return torch.rand(n, generator=rng) if cfg.importance == "random" else magnitude(group)
+
     report = []
     for i, block in enumerate(blocks):
         attn, mlp = block.attn, block.mlp
@@ -145,8 +148,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         heads, channels = [], []
         if remove_heads[i]:  # rooted at proj's input (head h = channels h·d ... (h+1)·d), as Torch-Pruning does
             group = graph.get_pruning_group(attn.proj, tp.prune_linear_in_channels, idxs=list(range(attn.attn_dim)))
-            scores = importance(group).view(attn.num_heads, attn.head_dim).mean(1)
-            heads = _lowest(scores, remove_heads[i], cfg)
+            scores = importance(group, attn.attn_dim).view(attn.num_heads, attn.head_dim).mean(1)
+            heads = _lowest(scores, remove_heads[i])
             idxs = [h * attn.head_dim + j for h in heads for j in range(attn.head_dim)]
             graph.get_pruning_group(attn.proj, tp.prune_linear_in_channels, idxs=idxs).prune()
             attn.num_heads -= len(heads)
@@ -154,7 +157,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         if remove_channels[i]:
             group = graph.get_pruning_group(mlp.fc1, tp.prune_linear_out_channels,
                                             idxs=list(range(mlp.fc1.out_features)))
-            channels = _lowest(importance(group), remove_channels[i], cfg)
+            channels = _lowest(importance(group, mlp.fc1.out_features), remove_channels[i])
             graph.get_pruning_group(mlp.fc1, tp.prune_linear_out_channels, idxs=channels).prune()
         assert attn.qkv.out_features == 3 * attn.attn_dim == 3 * attn.proj.in_features
         report.append({"block": i, "heads": was["heads"], "removed_heads": heads, "channels": was["channels"],
