@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -65,9 +65,10 @@ class Config:
     scope: Literal["global", "layer"] = field(default="global", metadata={
         "help": "global: one magnitude ranking over every target weight; layer: each weight tensor pruned to "
                 "`sparsity` alone (N:M patterns are per group either way)"})
-    pattern: str = field(default="", metadata={
+    pattern: Union[str, int] = field(default="", metadata={
         "help": "N:M: keep the N largest |w| of every M consecutive weights along the input dimension "
-                "('2:4', '4:8'); empty: unstructured"})
+                "('2:4', '4:8'); empty: unstructured (YAML, hence the CLI and bench chains, reads an unquoted 2:4 "
+                "as the base-60 number 124: such a number is read back as 2:4)"})
     targets: tuple[str, ...] = field(default=_common.DEFAULT_TARGETS, metadata={
         "help": "layers to prune: qkv, proj, fc1, fc2, mlp, attn, patch_embed, head, or regular expressions over "
                 "module names"})
@@ -76,6 +77,8 @@ class Config:
                 "vk.save / vk.load rebuild that state)"})
 
     def __post_init__(self):
+        if isinstance(self.pattern, int) and not isinstance(self.pattern, bool):  # YAML 1.1 sexagesimal: 2:4 -> 124
+            object.__setattr__(self, "pattern", f"{self.pattern // 60}:{self.pattern % 60}")
         if self.sparsity is not None and not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
             raise ValueError(f"prune: `sparsity` must be in [0, 1), got {self.sparsity!r}")
         if self.pattern:
