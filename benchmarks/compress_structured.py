@@ -32,7 +32,8 @@ from vitkit.compress import sparse_then_prune
 from vitkit.info import count_gmacs
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "adapt"))
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]  # benchmarks/peft.py would
+sys.path.insert(0, str(ROOT / "tests" / "adapt"))  # shadow the peft package (imported by prune's LoRA check)
 from digits_task import accuracy, digits_split, pretrained  # noqa: E402  (the PEFT tests' digits task)
 
 SHARED = ROOT.parent / "shared"
