@@ -36,9 +36,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchm
 sys.path.insert(0, str(ROOT / "tests" / "adapt"))  # shadow the peft package (imported by prune's LoRA check)
 from digits_task import accuracy, digits_split, pretrained  # noqa: E402  (the PEFT tests' digits task)
 
-SHARED = ROOT.parent / "shared"
-SHAMAIL = SHARED / "weights" / "shamail-123_VisionTriad-CIFAR10" / "model" / "best_vit.pth"
-CIFAR = SHARED / "data" / "cifar10-test-jpeg" / "test"
+SHAMAIL = Path("weights") / "shamail-123_VisionTriad-CIFAR10" / "model" / "best_vit.pth"
+CIFAR = Path("data") / "cifar10-test-jpeg" / "test"
 
 
 def paired_ratio(base, model, x, rounds: int) -> dict:
@@ -78,8 +77,8 @@ def speed_part(args) -> None:
               f"**{r['speedup']:.2f}x** | {r['ratios']} |", flush=True)
 
 
-def _cifar(model, part: str, per_class: int):
-    data = vk.data.cifar10_jpeg(CIFAR)
+def _cifar(model, part: str, per_class: int, shared: Path):
+    data = vk.data.cifar10_jpeg(shared / CIFAR)
     n = len(data) // len(data.classes)
     split = vk.data.split(data, seed=None, train=n - per_class, eval=per_class) if part == "eval" else \
         vk.data.split(data, seed=None, train=per_class, eval=n - per_class)
@@ -91,8 +90,8 @@ def top1(model, data) -> float:
 
 
 def shamail_part(args) -> None:
-    base = vk.load(str(SHAMAIL), num_heads=4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).eval()
-    test = _cifar(base, "eval", args.images // 10)
+    base = vk.load(str(args.shared / SHAMAIL), num_heads=4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).eval()
+    test = _cifar(base, "eval", args.images // 10, args.shared)
     print(f"\n### prune-structured accuracy: shamail CIFAR-10 ViT (4 heads, MLP 256), {len(test)} test JPEGs\n")
     print("| heads, channels removed | heads kept / block | MLP width | GMACs | top-1 zero-shot | top-1 after fit |")
     print("|---|---|---|---|---|---|")
@@ -103,7 +102,7 @@ def shamail_part(args) -> None:
         acc = top1(model, test)
         after = ""
         if p == args.recover_at:
-            train = _cifar(base, "train", args.train_images // 10)
+            train = _cifar(base, "train", args.train_images // 10, args.shared)
             vk.adapt(model, "full")
             vk.fit(model, train, epochs=args.recover_epochs, lr=1e-4, batch_size=64, warmup_epochs=0, seed=0,
                    out_dir=args.out / "shamail-recover", progress=False, save_model=False)
@@ -184,6 +183,8 @@ def main() -> None:
     parser.add_argument("--weights-only", action="store_true", help="binary: also the weights-only variant")
     parser.add_argument("--stp-weight", type=float, default=0.01)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared",
+                        help="the folder holding weights/ and data/ (default: ../shared)")
     parser.add_argument("--out", type=Path, default=Path("runs/compress_structured"))
     args = parser.parse_args()
     args.part = args.part or ["speed", "shamail", "binary", "stp"]
