@@ -1,0 +1,263 @@
+"""Compression side by side, measured in one run: every registered compress method (defaults) plus reference
+settings, against fp32 and against `torch.ao.quantization.quantize_dynamic` itself.
+
+1. Speed: vit_base_patch16_224 (random weights: speed does not depend on them), batch 8, `--threads` CPU
+   threads. Every model runs right after an fp32 baseline forward, in a shuffled order each round; the ratio is
+   the median over `--rounds` of t(fp32) / t(model) within each pair (robust to load on a shared machine).
+   Columns: model bytes (the whole state dict as safetensors), GMACs per image (eager attention, quantised
+   layers counted as float), the ratio, and for int8 the same ratio of `quantize_dynamic` on all Linears.
+2. Accuracy: the shamail CIFAR-10 ViT (`../shared/weights`, 0.81 M parameters) on an even subsample of the
+   CIFAR-10 test JPEGs (`--images`, default 2,000: 200 per class), same rows, plus the bytes `vk.save` writes
+   (only what differs from the checkpoint file).
+3. Accuracy vs sparsity on shamail, 0-90 %, global against per-layer magnitude pruning, and 2:4 / 4:8: a table
+   and `benchmarks/results/compress_sparsity.png`.
+
+    nice python benchmarks/compress.py                  # writes benchmarks/results/compress.{md,json}, *.png
+    nice python benchmarks/compress.py --rounds 3 --images 500
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+# `python benchmarks/compress.py` puts benchmarks/ first on the path, where benchmarks/peft.py hides the peft package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import timm
+import torch
+import torch.nn as nn
+
+import vitkit as vk
+from vitkit.compress._report import size_report
+from vitkit.info import count_gmacs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAMAIL = Path("weights") / "shamail-123_VisionTriad-CIFAR10" / "model" / "best_vit.pth"
+CIFAR = Path("data") / "cifar10-test-jpeg" / "test"
+TOME_R = {"vit_base": 13, "shamail": 2}  # ToMe r per block: the paper's ViT-B setting; 2 of shamail's 64 tokens
+
+
+def reference_int8(model: nn.Module) -> nn.Module:
+    """torch's own dynamic int8 on every Linear (what the issue's 3.2x was measured with)."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def variants(base: nn.Module, which: str) -> dict:
+    """name -> (model, how it was made), or (None, "refused: ...") for a method that refused."""
+    out = {"fp32": (base, "the model as loaded")}
+
+    def add(name, how, *steps, start=base):
+        model = copy.deepcopy(start)
+        try:
+            for method, cfg in steps:
+                vk.apply(model, method, **cfg)
+        except (NotImplementedError, ValueError) as err:
+            out[name] = (None, f"refused: {err}")
+            return
+        out[name] = (model.eval(), how)
+
+    for m in vk.methods("compress"):
+        add(m.name, "defaults", (m.name, {}))
+    out["torch.ao quantize_dynamic (all Linears)"] = (reference_int8(base), "torch reference")
+    add("int8 backend=torchao", "", ("int8", {"backend": "torchao"}))
+    add("int8 weight_only (torchao)", "", ("int8", {"weight_only": True}))
+    add("prune 2:4", "", ("prune", {"pattern": "2:4"}))
+    add("prune 0.5, make_permanent", "", ("prune", {"sparsity": 0.5, "permanent": True}))
+    r = TOME_R[which]
+    add("tome", f"r={r}", ("tome", {"r": r}))
+    merged = vk.adapt(copy.deepcopy(base), "lora", rank=8)
+    with torch.no_grad():  # a trained-looking update, merged (lora.merge): a plain timm model again
+        for name, p in merged.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    from vitkit.adapt.lora import merge
+
+    merge(merged)
+    add("lora (merged) + tome + int8", f"rank 8, r={r}", ("tome", {"r": r}), ("int8", {}), start=merged)
+    add("lora (merged) + prune 0.5 + int8", "rank 8", ("prune", {"sparsity": 0.5}), ("int8", {}), start=merged)
+    return out
+
+
+def paired_speed(models: dict, x: torch.Tensor, rounds: int) -> dict:
+    """name -> median over rounds of t(fp32) / t(model), each model right after an fp32 forward."""
+    base = models["fp32"]
+    ratios = {n: [] for n in models}
+    seconds = {n: [] for n in models}
+    rng = random.Random(0)
+    order = list(models)
+    with torch.inference_mode():
+        for m in models.values():
+            m(x)
+        for i in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                pair = []
+                for m in (base, models[name]):
+                    t = time.perf_counter()
+                    m(x)
+                    pair.append(time.perf_counter() - t)
+                ratios[name].append(pair[0] / pair[1])
+                seconds[name].append(pair[1])
+            print(f"  round {i + 1}/{rounds} done", flush=True)
+    return {n: {"speedup": statistics.median(r), "s_per_batch": statistics.median(seconds[n]), "ratios": r}
+            for n, r in ratios.items()}
+
+
+def speed_part(args) -> list[dict]:
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, pretrained=False).eval()
+    made = variants(base, "vit_base")
+    models = {n: m for n, (m, _) in made.items() if m is not None}
+    x = torch.randn(args.batch, 3, *base.patch_embed.img_size)
+    print(f"speed: {len(models)} models, {args.rounds} rounds", flush=True)
+    speed = paired_speed(models, x, args.rounds)
+    rows = []
+    for name, (model, how) in made.items():
+        row = {"name": name, "how": how}
+        if model is not None:
+            size = size_report(model)
+            row.update(model_bytes=size["model_bytes"], sparsity=size["sparsity"], dtype=size["dtype"],
+                       gmacs=count_gmacs(model, (3, *base.patch_embed.img_size)), **speed[name])
+        rows.append(row)
+    return rows
+
+
+def shamail(shared: Path):
+    return vk.load(str(shared / SHAMAIL), num_heads=4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def cifar(model, n: int, shared: Path):
+    data = vk.data.cifar10_jpeg(shared / CIFAR)
+    part = vk.data.split(data, seed=None, eval=n // len(data.classes))["eval"]
+    return part.with_transform(vk.data.transform(model))
+
+
+def top1(model, data) -> float:
+    return vk.evaluate(model.eval(), data, protocol="finetuned", batch_size=250)["top1"]
+
+
+def accuracy_part(args) -> tuple[list[dict], dict]:
+    base = shamail(args.shared).eval()
+    data = cifar(base, args.images, args.shared)
+    rows = []
+    for name, (model, how) in variants(base, "shamail").items():
+        row = {"name": name, "how": how}
+        if model is not None:
+            row["acc"] = top1(model, data)
+            row["model_bytes"] = size_report(model)["model_bytes"]
+            if vk.applied(model):
+                with tempfile.TemporaryDirectory() as tmp:
+                    row["save_bytes"] = (vk.save(model, Path(tmp) / "m") / "weights.safetensors").stat().st_size
+        rows.append(row)
+        print(f"  {name}: {row.get('acc', row['how'])}", flush=True)
+    curve = {"sparsity": [i / 10 for i in range(10)], "global": [], "layer": [], "n_images": len(data)}
+    for s in curve["sparsity"]:
+        for scope in ("global", "layer"):
+            model = vk.compress(copy.deepcopy(base), "prune", sparsity=s, scope=scope)
+            curve[scope].append(top1(model, data))
+        print(f"  sparsity {s:.1f}: global {curve['global'][-1]:.4f} layer {curve['layer'][-1]:.4f}", flush=True)
+    for pattern in ("2:4", "4:8"):
+        curve[pattern] = top1(vk.compress(copy.deepcopy(base), "prune", pattern=pattern), data)
+    return rows, curve
+
+
+def plot(curve: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [100 * s for s in curve["sparsity"]]
+    ax.plot(xs, curve["global"], "o-", label="global magnitude")
+    ax.plot(xs, curve["layer"], "s-", label="per-layer magnitude")
+    for pattern, marker in (("2:4", "^"), ("4:8", "v")):
+        ax.plot([50], [curve[pattern]], marker, label=f"{pattern} (50 %)")
+    ax.axhline(curve["global"][0] - 0.01, color="grey", ls=":", lw=0.8, label="dense - 1 point")
+    ax.set_xlabel("sparsity of qkv / proj / fc1 / fc2 weights (%)")
+    ax.set_ylabel(f"top-1, CIFAR-10 ({curve['n_images']} test JPEGs)")
+    ax.set_title("shamail CIFAR-10 ViT: one-shot magnitude pruning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def knee(curve: dict, scope: str, tol: float = 0.01) -> float:
+    """Essential sparsity: the largest s whose accuracy is within `tol` of dense."""
+    return max(s for s, a in zip(curve["sparsity"], curve[scope]) if a >= curve[scope][0] - tol)
+
+
+def report(speed: list[dict], acc: list[dict], curve: dict, args) -> str:
+    acc_of = {r["name"]: r for r in acc}
+    lines = [f"Speed: {args.model}, random weights, batch {args.batch}, {args.threads} CPU threads, "
+             f"{args.rounds} rounds of (fp32, model) pairs in shuffled order, median of per-pair ratios; "
+             f"torch {torch.__version__}, timm {timm.__version__}. Accuracy: shamail CIFAR-10 ViT on "
+             f"{curve['n_images']} CIFAR-10 test JPEGs ({curve['n_images'] // 10} per class, the first by file "
+             "name).", "",
+             "| method | bytes (speed model) | GMACs/img | dtype | sparsity | CPU speed vs fp32 | shamail top-1 | "
+             "Δ top-1 (points) | shamail vk.save bytes |", "|---|---|---|---|---|---|---|---|---|"]
+    dense = acc_of["fp32"]["acc"]
+    for r in speed:
+        a = acc_of.get(r["name"], {})
+        if "speedup" not in r:
+            lines.append(f"| {r['name']} | {r['how']} | | | | | | | |")
+            continue
+        acc_text = f"{a['acc']:.4f}" if "acc" in a else a.get("how", "-")
+        delta = f"{100 * (a['acc'] - dense):+.2f}" if "acc" in a else "-"
+        lines.append(f"| {r['name']} | {r['model_bytes'] / 1e6:.1f} MB | {r['gmacs']:.2f} | {r['dtype']} | "
+                     f"{r['sparsity']:.3f} | {r['speedup']:.2f}x | {acc_text} | {delta} | "
+                     f"{a.get('save_bytes', '-')} |")
+    speed_of = {r["name"]: r.get("speedup") for r in speed}
+    if all(speed_of.get(k) for k in ("tome", "int8", "lora (merged) + tome + int8")):
+        lines += ["", f"Composition: lora (merged) + tome + int8 runs {speed_of['lora (merged) + tome + int8']:.2f}x "
+                  f"fp32; tome alone {speed_of['tome']:.2f}x times int8 alone {speed_of['int8']:.2f}x = "
+                  f"{speed_of['tome'] * speed_of['int8']:.2f}x. ToMe r: {TOME_R['vit_base']} on the speed model, "
+                  f"{TOME_R['shamail']} on shamail (64 patch tokens)."]
+    lines += ["", f"Accuracy vs sparsity (shamail, {curve['n_images']} images; essential sparsity = the largest "
+              f"sparsity within 1 point of dense: global {knee(curve, 'global'):.1f}, per layer "
+              f"{knee(curve, 'layer'):.1f}; 2:4 {curve['2:4']:.4f}, 4:8 {curve['4:8']:.4f}):", "",
+              "| sparsity | " + " | ".join(f"{s:.1f}" for s in curve["sparsity"]) + " |",
+              "|---|" + "---|" * len(curve["sparsity"])]
+    for scope in ("global", "layer"):
+        lines.append(f"| {scope} | " + " | ".join(f"{a:.4f}" for a in curve[scope]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_base_patch16_224", help="timm model of the speed part")
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder holding weights/ and data/")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print("accuracy (shamail)", flush=True)
+    acc, curve = accuracy_part(args)
+    speed = speed_part(args)
+    table = report(speed, acc, curve, args)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compress.json").write_text(json.dumps({"speed": speed, "accuracy": acc, "curve": curve}, indent=1))
+    (args.out / "compress.md").write_text(table + "\n")
+    plot(curve, args.out / "compress_sparsity.png")
+
+
+if __name__ == "__main__":
+    main()
