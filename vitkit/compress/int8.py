@@ -71,7 +71,7 @@ def resolve_backend(model: nn.Module, cfg: Config) -> str:
 
 
 def check_quantisable(model: nn.Module, method: str) -> None:
-    """Refuse a model already quantised, or whose targets are not plain float Linears (masks, wrappers)."""
+    """Refuse a model that is quantised already."""
     done = _quant.quantised_layers(model)
     if done:
         raise ValueError(f"{method}: {done[0][0]} is quantised already; quantise a float model once")
@@ -79,30 +79,28 @@ def check_quantisable(model: nn.Module, method: str) -> None:
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     check_quantisable(model, "int8")
-    if _common.masked_layers(model):  # quantising a parametrised weight would drop the mask
-        from .prune import make_permanent
-
-        make_permanent(model)
     layers = _common.target_layers(model, cfg.targets, "int8") if cfg.targets else []
-    non_linear = [n for n, m in layers if type(m) is not nn.Linear]
+    non_linear = [n for n, m in layers if not isinstance(m, nn.Linear)]
     if non_linear:
         raise ValueError(f"int8: {non_linear[0]} is not a Linear; int8 quantises Linear layers only")
     backend = resolve_backend(model, cfg)
-    # record what ran (vk.info, the save's manifest), so that vk.load rebuilds the same form on any device
-    model.__dict__["_vitkit_resolved_config"] = dataclasses.replace(cfg, backend=backend)
-    if not layers:
-        return model
-    if backend == "torch.ao":
-        if next(model.parameters()).device.type != "cpu":
-            raise ValueError("int8: backend='torch.ao' runs on CPU only; move the model to the CPU or use "
-                             "backend='torchao'")
+    if layers and backend == "torch.ao" and next(model.parameters()).device.type != "cpu":
+        raise ValueError("int8: backend='torch.ao' runs on CPU only; move the model to the CPU or use "
+                         "backend='torchao'")
+    if _common.masked_layers(model):  # quantising a parametrised weight would drop the mask: bake it in
+        from .prune import make_permanent
+
+        make_permanent(model)
+    if layers and backend == "torch.ao":
         _quant.quantize_dynamic_int8(model, layers)
-    else:
+    elif layers:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
         _quant.quantize_torchao(model, layers, Int8WeightOnlyConfig() if cfg.weight_only
                                 else Int8DynamicActivationInt8WeightConfig())
     _log.info("int8: %d Linear layers quantised with %s", len(layers), backend)
+    # record what ran (vk.info, the save's manifest), so that vk.load rebuilds the same form on any device
+    model.__dict__["_vitkit_resolved_config"] = dataclasses.replace(cfg, backend=backend)
     return model
 
 
