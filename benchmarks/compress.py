@@ -14,6 +14,8 @@ settings, against fp32 and against `torch.ao.quantization.quantize_dynamic` itse
 
     nice python benchmarks/compress.py                  # writes benchmarks/results/compress.{md,json}, *.png
     nice python benchmarks/compress.py --rounds 3 --images 500
+    nice python benchmarks/compress.py --part speed & nice python benchmarks/compress.py --part accuracy; wait
+    python benchmarks/compress.py --part report
 """
 from __future__ import annotations
 
@@ -138,14 +140,21 @@ def shamail(shared: Path):
     return vk.load(str(shared / SHAMAIL), num_heads=4, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
-def cifar(model, n: int, shared: Path):
-    data = vk.data.cifar10_jpeg(shared / CIFAR)
+def cifar(model, n: int, shared: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n/10 test JPEGs of each class (by file name) through the model's transform, as tensors."""
+    data = vk.data.cifar10_jpeg(shared / CIFAR, preload=False)
     part = vk.data.split(data, seed=None, eval=n // len(data.classes))["eval"]
-    return part.with_transform(vk.data.transform(model))
+    part = part.with_transform(vk.data.transform(model))
+    items = [part[i] for i in range(len(part))]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
+@torch.inference_mode()
 def top1(model, data) -> float:
-    return vk.evaluate(model.eval(), data, protocol="finetuned", batch_size=250)["top1"]
+    x, y = data
+    model.eval()
+    pred = torch.cat([model(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)])
+    return (pred == y).float().mean().item()
 
 
 def accuracy_part(args) -> tuple[list[dict], dict]:
@@ -162,7 +171,7 @@ def accuracy_part(args) -> tuple[list[dict], dict]:
                     row["save_bytes"] = (vk.save(model, Path(tmp) / "m") / "weights.safetensors").stat().st_size
         rows.append(row)
         print(f"  {name}: {row.get('acc', row['how'])}", flush=True)
-    curve = {"sparsity": [i / 10 for i in range(10)], "global": [], "layer": [], "n_images": len(data)}
+    curve = {"sparsity": [i / 10 for i in range(10)], "global": [], "layer": [], "n_images": len(data[1])}
     for s in curve["sparsity"]:
         for scope in ("global", "layer"):
             model = vk.compress(copy.deepcopy(base), "prune", sparsity=s, scope=scope)
@@ -246,17 +255,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--part", choices=("all", "accuracy", "speed", "report"), default="all",
+                    help="run one part (each saves its result), or `report` to join the saved parts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print("accuracy (shamail)", flush=True)
-    acc, curve = accuracy_part(args)
-    speed = speed_part(args)
-    table = report(speed, acc, curve, args)
-    print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compress.json").write_text(json.dumps({"speed": speed, "accuracy": acc, "curve": curve}, indent=1))
-    (args.out / "compress.md").write_text(table + "\n")
-    plot(curve, args.out / "compress_sparsity.png")
+    parts = args.out / "compress_parts"  # each part's result, so the parts may run apart (then --part report)
+    parts.mkdir(exist_ok=True)
+    if args.part in ("all", "accuracy"):
+        print("accuracy (shamail)", flush=True)
+        acc, curve = accuracy_part(args)
+        (parts / "accuracy.json").write_text(json.dumps({"accuracy": acc, "curve": curve, "args": vars(args)},
+                                                        indent=1, default=str))
+    if args.part in ("all", "speed"):
+        speed = speed_part(args)
+        (parts / "speed.json").write_text(json.dumps({"speed": speed, "args": vars(args)}, indent=1, default=str))
+    if args.part in ("all", "report"):
+        a, s = (json.loads((parts / f"{p}.json").read_text()) for p in ("accuracy", "speed"))
+        args = argparse.Namespace(**{**s["args"], "out": args.out})
+        table = report(s["speed"], a["accuracy"], a["curve"], args)
+        print(table)
+        (args.out / "compress.json").write_text(json.dumps({"speed": s["speed"], "accuracy": a["accuracy"],
+                                                            "curve": a["curve"]}, indent=1))
+        (args.out / "compress.md").write_text(table + "\n")
+        plot(a["curve"], args.out / "compress_sparsity.png")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 import torch.nn as nn
 
 from vitkit.registry import register
