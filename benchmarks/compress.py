@@ -161,10 +161,11 @@ def accuracy_part(args) -> tuple[list[dict], dict]:
     base = shamail(args.shared).eval()
     data = cifar(base, args.images, args.shared)
     rows = []
-    for name, (model, how) in variants(base, "shamail").items():
+    for name, (model, how) in (variants(base, "shamail") if args.part != "curve" else {}).items():
         row = {"name": name, "how": how}
         if model is not None:
-            row["acc"] = top1(model, data)
+            if args.part != "sizes":
+                row["acc"] = top1(model, data)
             row["model_bytes"] = size_report(model)["model_bytes"]
             if vk.applied(model):
                 with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +173,8 @@ def accuracy_part(args) -> tuple[list[dict], dict]:
         rows.append(row)
         print(f"  {name}: {row.get('acc', row['how'])}", flush=True)
     curve = {"sparsity": [i / 10 for i in range(10)], "global": [], "layer": [], "n_images": len(data[1])}
+    if args.part == "sizes":
+        return rows, curve
     for s in curve["sparsity"]:
         for scope in ("global", "layer"):
             model = vk.compress(copy.deepcopy(base), "prune", sparsity=s, scope=scope)
@@ -210,13 +213,12 @@ def knee(curve: dict, scope: str, tol: float = 0.01) -> float:
     return max(s for s, a in zip(curve["sparsity"], curve[scope]) if a >= curve[scope][0] - tol)
 
 
-def report(speed: list[dict], acc: list[dict], curve: dict, args) -> str:
+def report(speed: list[dict], acc: list[dict], curve: dict, args, n_acc: int) -> str:
     acc_of = {r["name"]: r for r in acc}
     lines = [f"Speed: {args.model}, random weights, batch {args.batch}, {args.threads} CPU threads, "
              f"{args.rounds} rounds of (fp32, model) pairs in shuffled order, median of per-pair ratios; "
              f"torch {torch.__version__}, timm {timm.__version__}. Accuracy: shamail CIFAR-10 ViT on "
-             f"{curve['n_images']} CIFAR-10 test JPEGs ({curve['n_images'] // 10} per class, the first by file "
-             "name).", "",
+             f"{n_acc} CIFAR-10 test JPEGs ({n_acc // 10} per class, the first by file name).", "",
              "| method | bytes (speed model) | GMACs/img | dtype | sparsity | CPU speed vs fp32 | shamail top-1 | "
              "Δ top-1 (points) | shamail vk.save bytes |", "|---|---|---|---|---|---|---|---|---|"]
     dense = acc_of["fp32"]["acc"]
@@ -227,7 +229,8 @@ def report(speed: list[dict], acc: list[dict], curve: dict, args) -> str:
             continue
         acc_text = f"{a['acc']:.4f}" if "acc" in a else a.get("how", "-")
         delta = f"{100 * (a['acc'] - dense):+.2f}" if "acc" in a else "-"
-        lines.append(f"| {r['name']} | {r['model_bytes'] / 1e6:.1f} MB | {r['gmacs']:.2f} | {r['dtype']} | "
+        size = "n/a" if r["name"].startswith("torch.ao") else f"{r['model_bytes'] / 1e6:.1f} MB"  # packed params
+        lines.append(f"| {r['name']} | {size} | {r['gmacs']:.2f} | {r['dtype']} | "
                      f"{r['sparsity']:.3f} | {r['speedup']:.2f}x | {acc_text} | {delta} | "
                      f"{a.get('save_bytes', '-')} |")
     speed_of = {r["name"]: r.get("speedup") for r in speed}
@@ -255,25 +258,33 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--part", choices=("all", "accuracy", "speed", "report"), default="all",
-                    help="run one part (each saves its result), or `report` to join the saved parts")
+    ap.add_argument("--part", choices=("all", "accuracy", "curve", "sizes", "speed", "report"), default="all",
+                    help="run one part (each saves its result; `curve`: the sparsity curve alone; `sizes`: shamail "
+                         "sizes without evaluation), or `report` to join the saved parts")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = args.out / "compress_parts"  # each part's result, so the parts may run apart (then --part report)
     parts.mkdir(exist_ok=True)
-    if args.part in ("all", "accuracy"):
+    if args.part in ("all", "accuracy", "curve", "sizes"):
         print("accuracy (shamail)", flush=True)
         acc, curve = accuracy_part(args)
-        (parts / "accuracy.json").write_text(json.dumps({"accuracy": acc, "curve": curve, "args": vars(args)},
-                                                        indent=1, default=str))
+        (parts / f"{args.part if args.part != 'all' else 'accuracy'}.json").write_text(json.dumps(
+            {"accuracy": acc, "curve": curve, "n_images": curve["n_images"], "args": vars(args)}, indent=1,
+            default=str))
     if args.part in ("all", "speed"):
         speed = speed_part(args)
         (parts / "speed.json").write_text(json.dumps({"speed": speed, "args": vars(args)}, indent=1, default=str))
     if args.part in ("all", "report"):
         a, s = (json.loads((parts / f"{p}.json").read_text()) for p in ("accuracy", "speed"))
+        if (parts / "curve.json").is_file():  # the curve from its own run (--part curve)
+            a["curve"] = json.loads((parts / "curve.json").read_text())["curve"]
+        if (parts / "sizes.json").is_file():  # shamail sizes from their own run (--part sizes)
+            sizes = {r["name"]: r for r in json.loads((parts / "sizes.json").read_text())["accuracy"]}
+            for r in a["accuracy"]:
+                r.update({k: v for k, v in sizes.get(r["name"], {}).items() if k.endswith("bytes")})
         args = argparse.Namespace(**{**s["args"], "out": args.out})
-        table = report(s["speed"], a["accuracy"], a["curve"], args)
+        table = report(s["speed"], a["accuracy"], a["curve"], args, a.get("n_images", a["curve"]["n_images"]))
         print(table)
         (args.out / "compress.json").write_text(json.dumps({"speed": s["speed"], "accuracy": a["accuracy"],
                                                             "curve": a["curve"]}, indent=1))
