@@ -215,24 +215,29 @@ def knee(curve: dict, scope: str, tol: float = 0.01) -> float:
 
 def report(speed: list[dict], acc: list[dict], curve: dict, args, n_acc: int) -> str:
     acc_of = {r["name"]: r for r in acc}
-    lines = [f"Speed: {args.model}, random weights, batch {args.batch}, {args.threads} CPU threads, "
-             f"{args.rounds} rounds of (fp32, model) pairs in shuffled order, median of per-pair ratios; "
-             f"torch {torch.__version__}, timm {timm.__version__}. Accuracy: shamail CIFAR-10 ViT on "
+    timed = any("speedup" in r for r in speed)
+    lines = [(f"Speed: {args.model}, random weights, batch {args.batch}, {args.threads} CPU threads, "
+              f"{args.rounds} rounds of (fp32, model) pairs in shuffled order, median of per-pair ratios"
+              if timed else "Speed: not measured in this report (no speed part)")
+             + f"; torch {torch.__version__}, timm {timm.__version__}. Accuracy: shamail CIFAR-10 ViT on "
              f"{n_acc} CIFAR-10 test JPEGs ({n_acc // 10} per class, the first by file name).", "",
              "| method | bytes (speed model) | GMACs/img | dtype | sparsity | CPU speed vs fp32 | shamail top-1 | "
              "Δ top-1 (points) | shamail vk.save bytes |", "|---|---|---|---|---|---|---|---|---|"]
     dense = acc_of["fp32"]["acc"]
     for r in speed:
         a = acc_of.get(r["name"], {})
-        if "speedup" not in r:
-            lines.append(f"| {r['name']} | {r['how']} | | | | | | | |")
+        refused = next((x["how"] for x in (r, a) if x.get("how", "").startswith("refused")), None)
+        if refused:
+            lines.append(f"| {r['name']} | {refused} | | | | | | | |")
             continue
-        acc_text = f"{a['acc']:.4f}" if "acc" in a else a.get("how", "-")
-        delta = f"{100 * (a['acc'] - dense):+.2f}" if "acc" in a else "-"
-        size = "n/a" if r["name"].startswith("torch.ao") else f"{r['model_bytes'] / 1e6:.1f} MB"  # packed params
-        lines.append(f"| {r['name']} | {size} | {r['gmacs']:.2f} | {r['dtype']} | "
-                     f"{r['sparsity']:.3f} | {r['speedup']:.2f}x | {acc_text} | {delta} | "
-                     f"{a.get('save_bytes', '-')} |")
+        size = "n/a" if r["name"].startswith("torch.ao") else (  # torch's packed params: not in a state dict
+            f"{r['model_bytes'] / 1e6:.1f} MB" if "model_bytes" in r else "-")
+        cols = [size, f"{r['gmacs']:.2f}" if "gmacs" in r else "-", r.get("dtype", "-"),
+                f"{r['sparsity']:.3f}" if "sparsity" in r else "-",
+                f"{r['speedup']:.2f}x" if "speedup" in r else "-",
+                f"{a['acc']:.4f}" if "acc" in a else "-", f"{100 * (a['acc'] - dense):+.2f}" if "acc" in a else "-",
+                f"{a['save_bytes']:,}" if "save_bytes" in a else "-"]
+        lines.append(f"| {r['name']} | " + " | ".join(cols) + " |")
     speed_of = {r["name"]: r.get("speedup") for r in speed}
     if all(speed_of.get(k) for k in ("tome", "int8", "lora (merged) + tome + int8")):
         lines += ["", f"Composition: lora (merged) + tome + int8 runs {speed_of['lora (merged) + tome + int8']:.2f}x "
@@ -276,7 +281,9 @@ def main() -> None:
         speed = speed_part(args)
         (parts / "speed.json").write_text(json.dumps({"speed": speed, "args": vars(args)}, indent=1, default=str))
     if args.part in ("all", "report"):
-        a, s = (json.loads((parts / f"{p}.json").read_text()) for p in ("accuracy", "speed"))
+        a = json.loads((parts / "accuracy.json").read_text())
+        s = json.loads((parts / "speed.json").read_text()) if (parts / "speed.json").is_file() else {
+            "speed": [{"name": r["name"], "how": r["how"]} for r in a["accuracy"]], "args": vars(args)}
         if (parts / "curve.json").is_file():  # the curve from its own run (--part curve)
             a["curve"] = json.loads((parts / "curve.json").read_text())["curve"]
         if (parts / "sizes.json").is_file():  # shamail sizes from their own run (--part sizes)
