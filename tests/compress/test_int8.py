@@ -11,7 +11,6 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import vitkit as vk
 from conftest import VARIANTS, make_variant

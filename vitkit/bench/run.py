@@ -199,7 +199,7 @@ def run_cell(cell: Cell, recipe: Recipe, out: Path, device: str = "cpu", resume:
 
 
 def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
-    import vitkit as vk
+    from vitkit.compress._report import size_report
 
     from .perf import compare, flops_over
 
@@ -213,8 +213,6 @@ def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
     result.update(gmacs=flops["mean"], gflops=2 * flops["mean"], gmacs_min=flops["min"], gmacs_max=flops["max"],
                   flops_images=flops["n"], flops_input_dependent=flops["input_dependent"],
                   flops_ratio=flops["mean"] / base_flops["mean"], baseline_gmacs=base_flops["mean"])
-    from vitkit.compress._report import size_report
-
     size = size_report(model)  # report contract: non-zeros, real sparsity, bytes (int8 at real size)
     return {"params": size["params"], **result, "batch": batch, "oom_batches": failed,
             "dtype": _dtype(model, device), "flops_task": cell.task.name, "nonzero_params": size["nonzero_params"],

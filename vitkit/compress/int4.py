@@ -58,7 +58,7 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     if narrow:
         raise ValueError(f"int4: `group_size` {cfg.group_size} must divide the input width; {narrow[0][0]} has "
                          f"{narrow[0][1]}")
-    if _common.masked_layers(model):
+    if _common.masked_layers(model):  # quantising a parametrised weight would drop the mask: bake it in
         from .prune import make_permanent
 
         make_permanent(model)

@@ -9,10 +9,11 @@ Plugs in at: pattern 1 (the target Linears are replaced or get quantised weights
 tokens, prompts (VPT) and adapters' extra modules stay float; SDPA untouched; nothing trainable afterwards.
 Backends (`backend='auto'` picks per device, from the table `AUTO` that `benchmarks/compress.py` decided):
 * `torch.ao`: `torch.ao.quantization.quantize_dynamic`, per-channel int8 weights, fbgemm/x86 kernels. Deprecated
-  by torch, yet the only int8 path faster than fp32 in eager mode on CPU (measured, RESULTS.md "Compression");
+  by torch, yet the only int8 path faster than fp32 in eager mode on CPU (the spec measured 2.3x on ViT-S; a
+  one-round smoke run of benchmarks/compress.py on ViT-Ti read 1.46x; the ViT-B run is still to finish);
 * `torchao`: `torchao.quantization.quantize_` with `Int8DynamicActivationInt8WeightConfig` (per-row weights,
   per-token activations), or `Int8WeightOnlyConfig` with `weight_only=True`; its speed comes from CUDA kernels
-  and `torch.compile` (no eager CPU speed-up: 0.8-1.0x measured).
+  and `torch.compile` (no eager CPU speed-up: 1.02x on ViT-S in the spec, 0.32x in the smoke run above).
 Which one ran is recorded in the config (`vk.info`, the save's manifest, bench rows). Quantise last: a method
 applied after int8 sees quantised Linears (pruning and adapters refuse them).
 
@@ -29,7 +30,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 import torch.nn as nn
 
 from vitkit.registry import register
@@ -38,7 +38,8 @@ from . import _common, _quant
 
 _log = logging.getLogger("vitkit")
 
-# backend='auto' per device type; decided by benchmarks/compress.py (ViT-B/16, batch 8, 2-core CPU, RESULTS.md)
+# backend='auto' per device type: cpu from the measurements above (RESULTS.md "Compression"); cuda from torchao's
+# documentation (no GPU was lent to measure it)
 AUTO = {"cpu": "torch.ao", "cuda": "torchao"}
 
 
@@ -71,7 +72,7 @@ def resolve_backend(model: nn.Module, cfg: Config) -> str:
 
 
 def check_quantisable(model: nn.Module, method: str) -> None:
-    """Refuse a model already quantised, or whose targets are not plain float Linears (masks, wrappers)."""
+    """Refuse a model that is quantised already."""
     done = _quant.quantised_layers(model)
     if done:
         raise ValueError(f"{method}: {done[0][0]} is quantised already; quantise a float model once")
@@ -79,30 +80,28 @@ def check_quantisable(model: nn.Module, method: str) -> None:
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     check_quantisable(model, "int8")
-    if _common.masked_layers(model):  # quantising a parametrised weight would drop the mask
-        from .prune import make_permanent
-
-        make_permanent(model)
     layers = _common.target_layers(model, cfg.targets, "int8") if cfg.targets else []
-    non_linear = [n for n, m in layers if type(m) is not nn.Linear]
+    non_linear = [n for n, m in layers if not isinstance(m, nn.Linear)]
     if non_linear:
         raise ValueError(f"int8: {non_linear[0]} is not a Linear; int8 quantises Linear layers only")
     backend = resolve_backend(model, cfg)
-    # record what ran (vk.info, the save's manifest), so that vk.load rebuilds the same form on any device
-    model.__dict__["_vitkit_resolved_config"] = dataclasses.replace(cfg, backend=backend)
-    if not layers:
-        return model
-    if backend == "torch.ao":
-        if next(model.parameters()).device.type != "cpu":
-            raise ValueError("int8: backend='torch.ao' runs on CPU only; move the model to the CPU or use "
-                             "backend='torchao'")
+    if layers and backend == "torch.ao" and next(model.parameters()).device.type != "cpu":
+        raise ValueError("int8: backend='torch.ao' runs on CPU only; move the model to the CPU or use "
+                         "backend='torchao'")
+    if _common.masked_layers(model):  # quantising a parametrised weight would drop the mask: bake it in
+        from .prune import make_permanent
+
+        make_permanent(model)
+    if layers and backend == "torch.ao":
         _quant.quantize_dynamic_int8(model, layers)
-    else:
+    elif layers:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
         _quant.quantize_torchao(model, layers, Int8WeightOnlyConfig() if cfg.weight_only
                                 else Int8DynamicActivationInt8WeightConfig())
     _log.info("int8: %d Linear layers quantised with %s", len(layers), backend)
+    # record what ran (vk.info, the save's manifest), so that vk.load rebuilds the same form on any device
+    model.__dict__["_vitkit_resolved_config"] = dataclasses.replace(cfg, backend=backend)
     return model
 
 

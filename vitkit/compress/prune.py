@@ -105,6 +105,8 @@ def _masks(layers: list[tuple[str, nn.Module]], cfg: Config) -> list[torch.Tenso
 
 
 def _merge_lora(model: nn.Module) -> None:
+    if not any(hasattr(m, "lora_A") for m in model.modules()):  # (no PEFT import for a model without LoRA)
+        return
     from vitkit.adapt import lora
 
     if lora.lora_layers(model):
