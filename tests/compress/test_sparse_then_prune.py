@@ -3,7 +3,6 @@ block), its closed forms (uniform vs one-hot rows), weight 0 = plain training st
 global sparsity, regulariser gone, save / load."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -81,7 +80,8 @@ def test_weight_zero_is_plain_training(tmp_path):
         vk.adapt(m, "full")
     vk.compress(regularised, "sparse-then-prune", weight=0.0)
     vk.compress(strong, "sparse-then-prune", weight=10.0)
-    fit_copy(plain, data, tmp_path, "a"), fit_copy(regularised, data, tmp_path, "b"), fit_copy(strong, data, tmp_path, "c")
+    for name, m in (("a", plain), ("b", regularised), ("c", strong)):
+        fit_copy(m, data, tmp_path, name)
     for (name, p), q, r in zip(plain.named_parameters(), regularised.parameters(), strong.parameters()):
         torch.testing.assert_close(q, p, atol=0, rtol=0, msg=name)
     assert (strong.blocks[0].attn.qkv.weight - plain.blocks[0].attn.qkv.weight).abs().max() > 1e-5
@@ -92,7 +92,8 @@ def test_finish_prunes_exactly_and_saves(tmp_path, images):
     vk.compress(model, "sparse-then-prune", sparsity=0.3)
     stp.finish(model)
     assert not any(isinstance(f, stp._Penalty) for f in model.__dict__["_vitkit_losses"])
-    weights = [m.weight for n, m in model.named_modules() if n.startswith("blocks") and n.endswith(("qkv", "proj", "fc1", "fc2"))]
+    weights = [m.weight for n, m in model.named_modules()
+               if n.startswith("blocks") and n.endswith(("qkv", "proj", "fc1", "fc2"))]
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert zeros == round(0.3 * sum(w.numel() for w in weights))
     assert [(a.name, getattr(a.config, "finished", None)) for a in vk.applied(model)] == [

@@ -95,7 +95,8 @@ class BinaryAttention(nn.Module):
         super().__init__()
         for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
-        self.num_heads, self.head_dim, self.attn_dim, self.scale = attn.num_heads, attn.head_dim, attn.attn_dim, attn.scale
+        self.num_heads, self.head_dim, self.attn_dim = attn.num_heads, attn.head_dim, attn.attn_dim
+        self.scale = attn.scale
         self.activations, self.sab_ratio = activations, sab_ratio
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:

@@ -166,7 +166,8 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         p.requires_grad_(trainable[n])
     model.__dict__["_vitkit_pruned_structure"] = report
     model.__dict__["_vitkit_resolved_config"] = replace(  # recorded instead of cfg (vitkit.registry.apply)
-        cfg, kept_heads=tuple(b.attn.num_heads for b in blocks), kept_channels=tuple(b.mlp.fc1.out_features for b in blocks))
+        cfg, kept_heads=tuple(b.attn.num_heads for b in blocks),
+        kept_channels=tuple(b.mlp.fc1.out_features for b in blocks))
     _log.info("prune-structured: heads %s, MLP channels %s per block", [b.attn.num_heads for b in blocks],
               [b.mlp.fc1.out_features for b in blocks])
     return model

@@ -49,7 +49,8 @@ NAME = "sparse-then-prune"
 
 @dataclass(frozen=True)
 class Config:
-    weight: float = field(default=0.01, metadata={"help": "λ of the attention penalty added to the loss (paper: 0.01)"})
+    weight: float = field(default=0.01, metadata={
+        "help": "λ of the attention penalty added to the loss (paper: 0.01)"})
     blocks: Literal["all", "last"] = field(default="all", metadata={
         "help": "blocks regularised: all (mean over blocks, the paper's statement) or last (the reference code)"})
     sparsity: float = field(default=0.1, metadata={
