@@ -19,6 +19,7 @@ REFUSED: dict[tuple[str, str], str] = {
     ("evit", "reg_no_cls"): "evit: needs a class token",
     ("ats", "no_cls_avg"): "ats: needs a class token",
     ("ats", "reg_no_cls"): "ats: needs a class token",
+    **{("int4", v): "int4: torchao has int4 weight-only kernels for CUDA GPUs only" for v in VARIANTS},  # CPU models
 }
 
 METHODS = [m.name for m in vk.methods()]

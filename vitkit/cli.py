@@ -14,7 +14,8 @@ import os
 import sys
 
 COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands",
-                   "vitkit.robust.commands", "vitkit.distill.commands")
+                   "vitkit.robust.commands", "vitkit.distill.commands",
+                   "vitkit.compress._commands")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:

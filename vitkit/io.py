@@ -62,8 +62,9 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
 
 
 def base_key(key: str) -> str:
-    """Key of a tensor in the base model: wrappers keep the wrapped layer as `base_layer` (PEFT convention)."""
-    return key.replace(".base_layer.", ".")
+    """Key of a tensor in the base model: wrappers keep the wrapped layer as `base_layer` (PEFT convention);
+    a weight under a `torch.nn.utils.parametrize` parametrisation (pruning masks) keeps it as `original`."""
+    return key.replace(".base_layer.", ".").replace(".parametrizations.weight.original", ".weight")
 
 
 def changed_state(model: nn.Module, digests: dict | None = None) -> tuple[dict[str, torch.Tensor], bool]:

@@ -142,7 +142,8 @@ def apply(model: nn.Module, name: str, *, kind: Optional[str] = None, **config) 
 
         record_module_base(model)
     model = method.apply(model, cfg)
-    applied(model).append(Applied(name, cfg))
+    # a method may record the config that actually ran (int8's backend='auto' resolved for the device)
+    applied(model).append(Applied(name, model.__dict__.pop("_vitkit_resolved_config", cfg)))
     return model
 
 

@@ -120,6 +120,21 @@ class Chain:
     def adapter_name(self) -> Optional[str]:
         return next((name for name, _ in self.steps if registry.get(name).kind == "adapt"), None)
 
+    @property
+    def compress_tail(self) -> "Chain":
+        """The trailing `compress` steps (`lora+prune:sparsity=0.5` -> `prune`): a fine-tune cell applies them
+        after training (prune or quantise the trained model), so the chain before them is what trains."""
+        i = len(self.steps)
+        while i and registry.get(self.steps[i - 1][0]).kind == "compress":
+            i -= 1
+        return Chain("+".join(part for part in self.text.split("+")[i:]), self.steps[i:])
+
+    @property
+    def trained(self) -> "Chain":
+        """The steps before `compress_tail`."""
+        tail = len(self.compress_tail.steps)
+        return Chain("+".join(self.text.split("+")[:len(self.steps) - tail]), self.steps[:len(self.steps) - tail])
+
     def canonical(self) -> list:
         """Every method with its full config (defaults filled), so equal chains hash equally."""
         return [[name, registry.config_dict(cfg)] for name, cfg in self.steps]

@@ -308,13 +308,17 @@ def results_section(rows: list[dict], folder) -> str:
                          + " | ".join(_fmt(r["tune"].get(g)) for g in grid) + f" | {r['lr']:g} | {r['acc']:.3f} |")
         lines.append("")
     if perf:
+        sizes = any("model_bytes" in r for r in perf.values())  # rows from before the compression columns: none
         lines += ["### Cost against the baseline of the same backbone, measured in the same perf cell", "",
                   "| backbone | chain | GMACs / image (min–max) | FLOPs vs baseline | img/s | throughput vs baseline "
-                  "| peak MiB |", "|---|---|---|---|---|---|---|"]
+                  "| peak MiB |" + (" model MB | sparsity |" if sizes else ""), "|---|---|---|---|---|---|---|"
+                  + ("---|---|" if sizes else "")]
         for (b, c), r in sorted(perf.items(), key=lambda kv: (backbones.index(kv[0][0]), kv[0][1] != "baseline",
                                                                kv[0][1])):
             lines.append(f"| {b} | {c} | {_gmacs_text(r)} | {100 * (r['flops_ratio'] - 1):+.1f} % | "
-                         f"{r['throughput_ips']:.0f} | {r['speedup']:.2f}× | {r['peak_mem_mib']:.2f} |")
+                         f"{r['throughput_ips']:.0f} | {r['speedup']:.2f}× | {r['peak_mem_mib']:.2f} |"
+                         + (f" {_fmt(r.get('model_bytes'), '.2f', 1e-6)} | {_fmt(r.get('sparsity'), '.3f')} |"
+                            if sizes else ""))
         lines.append("")
         # a summary per kind of chain, computed: which chains change FLOPs, by how much, at what speed
         cut = [r for (b, c), r in perf.items() if c != "baseline" and r["flops_ratio"] < 1 - 1e-9]

@@ -162,8 +162,8 @@ def build(cell: Cell, num_classes: Optional[int] = None, *, post: bool = True):
     model = vk.load(cell.backbone.source, num_classes=num_classes, **cell.backbone.args)
     if cell.protocol in TRAINED and not cell.chain.adapter:
         vk.adapt(model, "full")  # a chain without adapters is fine-tuned end to end
-    if post or cell.chain.adapter:
-        cell.chain.apply(model)
+    if post or cell.chain.adapter:  # a fine-tuned adapter chain gets its trailing compress steps after training
+        (cell.chain if post else cell.chain.trained).apply(model)
     return model
 
 
@@ -199,13 +199,12 @@ def run_cell(cell: Cell, recipe: Recipe, out: Path, device: str = "cpu", resume:
 
 
 def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
-    import vitkit as vk
+    from vitkit.compress._report import size_report
 
     from .perf import compare, flops_over
 
     model = build(cell)
     baseline = build(cell.with_chain(BASELINE))
-    info = vk.info(model)
     images = _flop_images(cell, model)
     result, batch, failed = halving_on_oom(lambda b: compare(baseline, model, batch=b, device=device),
                                            recipe.perf_batch, f"perf {cell.label()}")
@@ -214,8 +213,11 @@ def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
     result.update(gmacs=flops["mean"], gflops=2 * flops["mean"], gmacs_min=flops["min"], gmacs_max=flops["max"],
                   flops_images=flops["n"], flops_input_dependent=flops["input_dependent"],
                   flops_ratio=flops["mean"] / base_flops["mean"], baseline_gmacs=base_flops["mean"])
-    return {"params": info.total_params, **result, "batch": batch, "oom_batches": failed,
-            "dtype": _dtype(model, device), "flops_task": cell.task.name}
+    size = size_report(model)  # report contract: non-zeros, real sparsity, bytes (int8 at real size)
+    return {"params": size["params"], **result, "batch": batch, "oom_batches": failed,
+            "dtype": _dtype(model, device), "flops_task": cell.task.name, "nonzero_params": size["nonzero_params"],
+            "sparsity": size["sparsity"], "model_bytes": size["model_bytes"],
+            "baseline_model_bytes": size_report(baseline)["model_bytes"]}
 
 
 def _flop_images(cell: Cell, model, n: int = 256) -> torch.Tensor:
@@ -323,6 +325,9 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
         if post:
             row["acc_pre_post"] = vk.evaluate(model, eval_t, protocol="finetuned")["top1"]
             cell.chain.apply(model)
+        elif cell.chain.compress_tail.steps:  # the trained adapter chain, then pruned / quantised
+            row["acc_pre_compress"] = vk.evaluate(model, eval_t, protocol="finetuned")["top1"]
+            cell.chain.compress_tail.apply(model)
         saved = vk.save(model, cells_dir / cell.key / "model")
         info = vk.info(model)
         row.update(trainable_params=info.trainable_params, trainable_frac=info.trainable_fraction,
