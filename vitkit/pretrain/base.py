@@ -32,6 +32,19 @@ class Config:
             raise ValueError(f"pretrain: `weight_decay` must be >= 0, got {self.weight_decay!r}")
 
 
+class Views:
+    """Several augmented views of one image, stacked `(V, C, H, W)` (DINO's global and local crops)."""
+
+    def __init__(self, transforms: list[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([t(image) for t in self.transforms])
+
+    def __repr__(self) -> str:
+        return f"Views({len(self.transforms)})"
+
+
 def check_vit(model: nn.Module, objective: str) -> None:
     """Refuse what is not a timm `VisionTransformer`-like model (patch embedding, blocks, prefix-token count)."""
     missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "forward_features", "forward_head")
