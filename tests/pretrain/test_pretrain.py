@@ -12,6 +12,7 @@ import torch
 import vitkit as vk
 from tests.conftest import TINY, VARIANTS, make_variant
 from vitkit import cli, data
+from vitkit.bench.recipe import resolve_backbone
 from vitkit.pretrain import get_objective, objectives
 
 FAST = {"mae": {}, "dino": dict(output_dim=32, hidden_dim=32, bottleneck_dim=16, local_views=0)}
@@ -50,6 +51,7 @@ def test_result_is_a_plain_timm_model_that_saves_and_loads(objective, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    resolve_backbone({"name": "ssl", "source": str(tmp_path / "run" / "model")})  # a bench backbone: loads, no error
 
 
 def test_backbone_trains_at_its_own_lower_lr():

@@ -35,8 +35,9 @@ class Config(base.Config):
 
     lr: float = field(default=1e-3, metadata={"help": "peak lr of the decoder (paper: 1.5e-4·batch/256, AdamW "
                                               "betas (0.9, 0.95), from scratch)"})
-    backbone_lr: float = field(default=1e-4, metadata={"help": "peak lr of the pretrained ViT (low: full lr erases "
-                                                       "the pretrained features)"})
+    backbone_lr: float = field(default=3e-4, metadata={"help": "peak lr of the pretrained ViT, below the decoder's "
+                                                       "(full lr erases the pretrained features; 3e-4 measured "
+                                                       "on benchmarks/pretrain.py)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (paper 0.05)"})
     mask_ratio: float = field(default=0.75, metadata={"help": "fraction of patches masked per image (paper 0.75); "
                                                       "round(ratio·N) patches, prefix tokens never"})
