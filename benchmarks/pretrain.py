@@ -78,8 +78,9 @@ def main() -> None:
                 r.update(minutes=(time.perf_counter() - t) / 60, loss=last["train_loss"],
                          **{k: v for k, v in last.items() if k.startswith("teacher")})
                 rows.setdefault((init, objective), []).append(r)
+                monitor = "".join(f" {k} {v:.3f}" for k, v in r.items() if k.startswith("teacher"))
                 print(f"seed {seed} {init:10s} {objective:5s} knn {r['knn']:.4f} linear {r['linear']:.4f} "
-                      f"loss {r['loss']:.4f} ({r['minutes']:.1f} min)", flush=True)
+                      f"loss {r['loss']:.4f}{monitor} ({r['minutes']:.1f} min)", flush=True)
             u = rows[(init, "untouched")][-1]
             print(f"seed {seed} {init:10s} untouched knn {u['knn']:.4f} linear {u['linear']:.4f}", flush=True)
 
