@@ -115,3 +115,10 @@ def test_refuses_bad_settings():
     _, obj = build()
     with pytest.raises(ValueError, match=r"dino: expects views \(B, V, C, H, W\)"):
         obj(torch.randn(2, 3, 32, 32))
+
+
+def test_collapse_is_diagnosed_from_the_monitor():
+    _, obj = build()
+    assert "nearly uniform" in obj.diagnose({"teacher_entropy": 0.99, "teacher_batch_entropy": 0.99})
+    assert "same output" in obj.diagnose({"teacher_entropy": 0.01, "teacher_batch_entropy": 0.01})
+    assert obj.diagnose({"teacher_entropy": 0.4, "teacher_batch_entropy": 0.7}) is None

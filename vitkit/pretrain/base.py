@@ -90,6 +90,10 @@ class Objective(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Called by `fit` after each optimizer step (`step` counts the steps done so far)."""
 
+    def diagnose(self, metrics: dict) -> str | None:
+        """A warning about the last epoch's `metrics` (e.g. a collapse), or None when nothing looks wrong."""
+        return None
+
     def lr_scale(self, name: str) -> float:
         """Learning-rate multiplier of parameter `name`: `backbone_lr / lr` for the ViT's, 1 for the new parts."""
         if not hasattr(self, "_backbone_names"):

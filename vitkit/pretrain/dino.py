@@ -169,6 +169,18 @@ class Objective(base.Objective):
         batch = -(mean * mean.clamp_min(1e-12).log()).sum()
         return {"teacher_entropy": float(per_image) / log_k, "teacher_batch_entropy": float(batch) / log_k}
 
+    def diagnose(self, metrics: dict) -> str | None:
+        """Collapse, read from the monitor: the teacher's per-image entropy near log K (uniform output) or the
+        entropy of its batch mean near 0 (one output for every image)."""
+        uniform, batch = metrics.get("teacher_entropy"), metrics.get("teacher_batch_entropy")
+        if uniform is not None and uniform > 0.95:
+            return (f"dino: the teacher's output is nearly uniform (entropy {uniform:.3f} of log K): collapse; try a "
+                    "lower teacher_temp, a lower momentum or a higher lr for the head")
+        if batch is not None and batch < 0.05:
+            return (f"dino: the teacher gives nearly every image the same output (batch entropy {batch:.3f} of log "
+                    "K): collapse; try a higher teacher_temp or center_momentum")
+        return None
+
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA of the teacher: θ_t <- m·θ_t + (1-m)·θ_s with m from the cosine schedule at the step just done."""

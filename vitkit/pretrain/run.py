@@ -75,6 +75,9 @@ def pretrain(model: nn.Module, data, objective: str = "mae", *, epochs: int = 10
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(before[name])
+    problem = obj.diagnose(result.history[-1]) if result.history else None
+    if problem:
+        _log.warning("pretrain: %s", problem)
     model.__dict__["_vitkit_pretrain"] = {"objective": objective, "history": result.history,
                                           "run_dir": str(result.run_dir)}
     return model
