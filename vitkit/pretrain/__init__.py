@@ -17,13 +17,16 @@ multi-process, checkpoints, metrics); afterwards the extra parts are dropped and
    ViT: low by default, see the pitfall below) and `weight_decay`; adds the objective's own fields, each with
    `metadata={"help": ...}`, checks in `__post_init__` (call `super().__post_init__()`).
 3. `class Objective(base.Objective)`: an `nn.Module` built as `Objective(model, cfg)`. `base.Objective.__init__`
-   stores `self.model` (the timm ViT, trained in place; never re-initialised) and `self.cfg`. It provides:
+   checks the model (`check`) and stores `self.model` (the timm ViT, trained in place; never re-initialised) and
+   `self.cfg` (`hold_model=False` when a wrapper holds the ViT instead: then override `backbone`). It provides:
      - `forward(images) -> (loss, stats)`: one batch to a scalar loss; `stats` a dict of floats logged per epoch
        (e.g. DINO's collapse monitor). `images` is what `transform()` makes of one image, batched:
        `(B, C, H, W)`, or `(B, V, C, H, W)` for several views;
      - `transform() -> Callable[[PIL.Image], Tensor]`: the training transform (default: `vk.data.transform(
        model, train=True)`; multi-view objectives stack views into `(V, C, H, W)`);
      - `after_step(step, total_steps)`: called after each optimizer step (EMA teachers; default: nothing);
+       state that must survive a resume (teacher, centre, step counters) lives in parameters or buffers;
+     - `diagnose(metrics) -> str | None`: a warning about the last epoch (DINO: collapse), default None;
      - `lr_scale(name)` / `no_weight_decay()`: provided by the base (backbone parameters train at
        `backbone_lr / lr`; position embeddings and tokens without decay);
      - `check(model)` (classmethod): raise `NotImplementedError("<name>: ...")` for a model it cannot train.
