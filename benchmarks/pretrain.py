@@ -87,8 +87,8 @@ def main() -> None:
     def ms(values) -> str:
         return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
-    print(f"\nsklearn digits (32x32 upscaled): {args.unlabelled} unlabelled / {args.labelled} labelled / {args.test} test "
-          f"images per class; {args.seeds} seeds (split + pre-training seed); {args.epochs} epochs, batch "
+    print(f"\nsklearn digits (32x32 upscaled): {args.unlabelled} unlabelled / {args.labelled} labelled / "
+          f"{args.test} test images per class; {args.seeds} seeds (split + pre-training seed); {args.epochs} epochs, batch "
           f"{args.batch_size}; overrides {overrides or 'none'}; {(time.perf_counter() - t0) / 60:.1f} min in all\n")
     print("| init | objective | k-NN top-1 (mean ± std) | linear-probe top-1 (mean ± std) | Δ k-NN | Δ linear |")
     print("|---|---|---|---|---|---|")

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitkit as vk
 from tests.conftest import VARIANTS, make_variant

@@ -2,8 +2,6 @@
 trains (at its own low lr, head untouched), the run resumes exactly through vk.fit, and bad input is one line."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import timm

@@ -95,10 +95,10 @@ class Objective(base.Objective):
         if getattr(model, "pos_embed", None) is None:
             raise NotImplementedError("mae: needs a learned absolute position embedding (`pos_embed`); this model "
                                       "has none (rotary or no position embedding)")
-        if has_runner(model) and get_runner(model).owners():
-            raise NotImplementedError(f"mae: the model has token-sequence methods ({', '.join(get_runner(model).owners())}"
-                                      "); they assume the full patch grid, which masking removes: pre-train first, "
-                                      "then apply them")
+        owners = get_runner(model).owners() if has_runner(model) else []
+        if owners:
+            raise NotImplementedError(f"mae: the model has token-sequence methods ({', '.join(owners)}); they assume "
+                                      "the full patch grid, which masking removes: pre-train first, then apply them")
 
     @property
     def backbone(self) -> nn.Module:
