@@ -72,6 +72,10 @@ class Objective(base.Objective):
                                                    pos_embed_initialization="skip")
         self.encoder.mask_token.requires_grad_(False)  # unused: masked patches are dropped (idx_keep), not replaced
         self.encoder.set_grad_checkpointing(bool(getattr(model, "grad_checkpointing", False)))
+        for name in ("fc_norm", "attn_pool"):  # used only after pooling, which MAE never reaches: no gradient, so
+            part = getattr(model, name, None)  # frozen (DDP refuses parameters without one); restored afterwards
+            if isinstance(part, nn.Module):
+                part.requires_grad_(False)
         self.patch = tuple(model.patch_embed.patch_size)
         self.num_patches = model.patch_embed.num_patches
         self.num_prefix = model.num_prefix_tokens
