@@ -15,7 +15,7 @@ import sys
 
 COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands",
                    "vitkit.robust.commands", "vitkit.distill.commands",
-                   "vitkit.compress._commands")
+                   "vitkit.compress._commands", "vitkit.pretrain.commands")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:

@@ -113,7 +113,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         warmup_epochs: float = 1.0, min_lr: float = 0.0, grad_accum: int = 1, clip_grad: Optional[float] = 1.0,
         label_smoothing: float = 0.0, seed: int = 0, out_dir: str | Path = "runs/fit", resume: bool | str = False,
         num_workers: int = 0, amp: bool = True, progress: bool = True,
-        on_epoch_end: Optional[Callable[[dict], None]] = None, save_model: bool = True) -> FitResult:
+        on_epoch_end: Optional[Callable[[dict], None]] = None, save_model: bool = True,
+        objective: Optional[nn.Module] = None) -> FitResult:
     """Train the parameters of `model` that require grad on `train` (batches of `(images, labels)`).
 
     Args:
@@ -135,8 +136,14 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         amp: bf16 autocast when CUDA is present (ignored on CPU). progress: a Rich progress bar.
         on_epoch_end: called with the epoch's metrics after its checkpoint is written.
         save_model: `vk.save` the final model into `out_dir/model` (trained tensors only, for adapters).
+        objective: a self-supervised objective holding `model` (`vk.pretrain`; contract in `vitkit.pretrain`):
+            labels are ignored and `objective(images) -> (loss, stats)` replaces the classification loss; its
+            `lr_scale(name)` scales each parameter's lr, `after_step(step, total)` runs after every optimizer
+            step (EMA teachers), and its whole state (decoder, teacher, centre) goes into the checkpoints.
     """
     from accelerate import Accelerator
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # before
+    # seeding: importing rich moves an RNG, so the first run in a process would differ from the later ones
 
     # --- setup ---------------------------------------------------------------------------------------------
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
@@ -144,7 +151,11 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     accelerator = Accelerator(mixed_precision="bf16" if amp and cuda else "no", cpu=not cuda)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(out_dir)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if objective is not None and val is not None:
+        raise ValueError("fit: `val` is for classification; a self-supervised objective is measured afterwards "
+                         "(vk.evaluate with protocol='knn' or 'linear')")
+    net = model if objective is None else objective  # what the optimizer, Accelerate and checkpoints see
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: no parameter requires grad; apply an adaptation method first, e.g. "
                          "vk.adapt(model, 'linear') or vk.adapt(model, 'full')")
@@ -158,16 +169,20 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     if main:
         _log.info("fit: lr %g (%s), weight decay %g (%s)", lr, source_of["lr"], weight_decay,
                   source_of["weight_decay"])
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decays = {n: p.ndim >= 2 and n.split(".")[0] not in skip and n not in skip for n, p in params}  # full names too
-    decay = [p for n, p in params if decays[n]]
-    no_decay = [p for n, p in params if not decays[n]]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    skip = set(getattr(net, "no_weight_decay", lambda: set())())
+    scale_of = getattr(objective, "lr_scale", lambda name: 1.0)  # per-parameter lr multiplier
+    groups = []
+    for decays in (True, False):
+        chosen = [(n, p) for n, p in params if (p.ndim >= 2 and n not in skip and n.split(".")[0] not in skip)
+                  == decays]
+        for scale in sorted({scale_of(n) for n, _ in chosen}, reverse=True) or [1.0]:
+            groups.append({"params": [p for n, p in chosen if scale_of(n) == scale], "lr_scale": scale,
+                           "weight_decay": weight_decay if decays else 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    ddp_model, optimizer = accelerator.prepare(net, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    extra_losses = model.__dict__.get("_vitkit_losses", [])
-    computes_loss = getattr(model, "computes_loss", False)  # model(images, targets) -> (logits, loss, labels)
+    extra_losses = model.__dict__.get("_vitkit_losses", []) if objective is None else []
+    computes_loss = objective is None and getattr(model, "computes_loss", False)  # model(images, targets) -> (logits, loss, labels)
     n_batches = math.ceil(len(epoch_order(len(train), seed, 0, rank, world)) / batch_size)
     steps_per_epoch = math.ceil(n_batches / grad_accum)
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
@@ -177,6 +192,10 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                   min_lr=min_lr, grad_accum=grad_accum, clip_grad=clip_grad, label_smoothing=label_smoothing,
                   seed=seed, world_size=world, trainable=sum(p.numel() for _, p in params), train_size=len(train),
                   methods=method_chain(model), lr_source=source_of["lr"])
+    if objective is not None:
+        config["objective"] = objective.describe()
+    kept_state = (lambda: trained_state(model)) if objective is None else (
+        lambda: {k: v.detach().cpu().clone() for k, v in objective.state_dict().items()})
 
     # --- resume: weights, optimizer, schedule step, RNG, next epoch ----------------------------------------
     last = run_dir / "last.pt"
@@ -198,12 +217,12 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         if changes:
             warnings.warn(f"fit: resuming {source} with changed settings ({'; '.join(changes)}) because "
                           "resume='force': the result is not that of one uninterrupted run", stacklevel=2)
-        expected = set(trained_state(model))
+        expected = set(kept_state())
         if set(ckpt["model"]) != expected:
             raise ValueError(f"fit: {source} holds other tensors than this model trains "
                              f"(missing {sorted(expected - set(ckpt['model']))[:5]}, unexpected "
                              f"{sorted(set(ckpt['model']) - expected)[:5]}); apply the same methods before resuming")
-        model.load_state_dict(ckpt["model"], strict=False)
+        net.load_state_dict(ckpt["model"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, start_epoch = ckpt["scheduler"]["step"], ckpt["epoch"]
         history, best = ckpt["history"], ckpt["best"]
@@ -224,8 +243,6 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                                            shuffle=False, num_workers=num_workers)
 
     # --- the loop ------------------------------------------------------------------------------------------
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[stats]}"), disable=not (progress and main), transient=False)
     with bar:
@@ -236,15 +253,21 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             if hasattr(train, "set_epoch"):  # a dataset whose samples depend on the epoch (vk.distill's logit cache)
                 train.set_epoch(epoch)
             loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+            stat_sums: dict[str, float] = {}  # an objective's per-batch statistics, summed over images
             for i, (images, targets) in enumerate(loader(train, order)):
                 images, targets = images.to(accelerator.device), targets.to(accelerator.device)
                 first = i - i % grad_accum  # first micro-batch of this optimizer step
                 micro = min(grad_accum, n_batches - first)  # micro-batches in this step (the last may be short)
                 sync = i == first + micro - 1
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, lr=lr, warmup=warmup, total=total, min_lr=min_lr)
+                    group["lr"] = lr_at(step, lr=lr, warmup=warmup, total=total, min_lr=min_lr) * group.get(
+                        "lr_scale", 1.0)
                 with (nullcontext() if sync else accelerator.no_sync(ddp_model)), accelerator.autocast():
-                    if computes_loss:  # vk.distill: the model computes its loss (teacher, projectors) itself
+                    if objective is not None:  # vk.pretrain: labels unused, the objective returns (loss, stats)
+                        logits, labels, (loss, stats) = None, None, ddp_model(images)
+                        for key, value in stats.items():
+                            stat_sums[key] = stat_sums.get(key, 0.0) + float(value) * len(targets)
+                    elif computes_loss:  # vk.distill: the model computes its loss (teacher, projectors) itself
                         logits, loss, labels = ddp_model(images, targets)
                     else:
                         logits = ddp_model(images)  # (B, classes)
@@ -275,18 +298,24 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    if objective is not None:
+                        objective.after_step(step, total)
                 loss_sum += loss.item() * len(images)
                 if logits is not None and labels is not None:
                     correct += (logits.argmax(-1) == labels).sum().item()
                 seen += len(images)
                 speed = seen * world / (time.perf_counter() - t0)
-                bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f} "
-                                                   f"{speed:.0f} img/s lr {optimizer.param_groups[0]['lr']:.2e}")
-            totals = accelerator.reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
-                                                     device=accelerator.device), "sum").tolist()
+                acc = f"acc {correct / seen:.3f} " if objective is None else ""
+                bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} {acc}{speed:.0f} img/s "
+                                                   f"lr {optimizer.param_groups[0]['lr']:.2e}")
+            totals = accelerator.reduce(torch.tensor([loss_sum, correct, seen, *stat_sums.values()],
+                                                     dtype=torch.float64, device=accelerator.device), "sum").tolist()
             metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                        "train_loss": totals[0] / totals[2], "train_acc": totals[1] / totals[2],
                        "img_per_s": totals[2] / (time.perf_counter() - t0), "epoch_time_s": time.perf_counter() - t0}
+            if objective is not None:  # no accuracy without labels; the objective's statistics instead
+                del metrics["train_acc"]
+                metrics.update({k: v / totals[2] for k, v in zip(stat_sums, totals[3:])})
             if val is not None:
                 metrics.update(validate(ddp_model, loader(val, list(range(rank, len(val), world))), accelerator))
             history.append(metrics)
@@ -295,7 +324,7 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             best = metrics if improved else best
 
             # --- checkpoint (atomic: temporary file, then rename) and metrics ---------------------------
-            ckpt = {"model": trained_state(model), "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
+            ckpt = {"model": kept_state(), "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
                     "epoch": epoch + 1, "history": history, "best": best, "config": config,
                     "rng": all_rng_states(accelerator), "data_order": {"seed": seed, "next_epoch": epoch + 1}}
             if main:
