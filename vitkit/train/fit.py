@@ -4,8 +4,9 @@
         data order from (seed, epoch)  ->  micro-batches (accumulate, clip, step, lr from a pure schedule)
         ->  validate  ->  checkpoint last (+ best), metrics to JSONL/CSV
 
-Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); nothing here
-knows any method. The learning rate and weight decay default to the applied methods' own (`default_hparams`:
+Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); augmentations
+attached with `vk.augment` transform each training batch (`vitkit.augment.mix_batch`; a dataset may yield
+`(image, label, *extras)`, e.g. ForAug's masks); nothing here knows any method. The learning rate and weight decay default to the applied methods' own (`default_hparams`:
 each adaptation method's Config states its paper's / the PETL benchmarks' values). Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
 model in DDP; each process reads its own shard of the epoch's order). Mixed precision (bf16) only on CUDA.
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitkit.augment import mix_batch
 from vitkit.io import atomic_torch_save, atomic_write
 
 from .hparams import ResumeMismatchError, changed_settings, default_hparams, method_chain
@@ -229,16 +231,18 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=n_batches, stats="")
             order = epoch_order(len(train), seed, epoch, rank, world)
             loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-            for i, (images, targets) in enumerate(loader(train, order)):
+            for i, (images, targets, *extras) in enumerate(loader(train, order)):  # extras: e.g. ForAug's masks
                 images, targets = images.to(accelerator.device), targets.to(accelerator.device)
+                mix = mix_batch(model, images, targets, extras)  # attached augmentations (vitkit.augment)
                 first = i - i % grad_accum  # first micro-batch of this optimizer step
                 micro = min(grad_accum, n_batches - first)  # micro-batches in this step (the last may be short)
                 sync = i == first + micro - 1
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, lr=lr, warmup=warmup, total=total, min_lr=min_lr)
                 with (nullcontext() if sync else accelerator.no_sync(ddp_model)), accelerator.autocast():
-                    logits = ddp_model(images)  # (B, classes)
-                    loss = criterion(logits.float(), targets)
+                    with mix.forward():
+                        logits = ddp_model(mix.images)  # (B, classes)
+                    loss = criterion(logits.float(), mix.target(logits.shape[-1]))  # labels or soft targets
                     for extra in extra_losses:
                         loss = loss + extra(model, images, logits, targets)
                 finite = bool(torch.isfinite(loss))
