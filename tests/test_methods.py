@@ -19,6 +19,8 @@ REFUSED: dict[tuple[str, str], str] = {
     ("evit", "reg_no_cls"): "evit: needs a class token",
     ("ats", "no_cls_avg"): "ats: needs a class token",
     ("ats", "reg_no_cls"): "ats: needs a class token",
+    ("transmix", "no_cls_avg"): "transmix: needs a class token",
+    ("transmix", "reg_no_cls"): "transmix: needs a class token",
 }
 
 METHODS = [m.name for m in vk.methods()]
