@@ -85,6 +85,7 @@ from .train import evaluate, fit
 from . import assets as _assets  # registers embedded checkpoints
 from .explain import attention, explain, segment, similarity_overlap  # vk.explain & co.
 from .bench import bench  # vk.bench: backbones x methods x protocols
+from .pretrain import pretrain  # vk.pretrain: continued self-supervised pre-training (mae, dino, ...)
 
 
 def apply(model, name: str, **config):
@@ -124,7 +125,7 @@ def augment(model, name: str, **config):
 
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
-           "attention", "explain", "segment", "similarity_overlap", "bench"]
+           "attention", "explain", "segment", "similarity_overlap", "bench", "pretrain"]
 __all__ += ["augment"]
 
 for _name in __all__:  # verbs whose subpackage was imported while this file ran (explain, bench, info, ...)

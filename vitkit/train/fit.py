@@ -115,7 +115,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         warmup_epochs: float = 1.0, min_lr: float = 0.0, grad_accum: int = 1, clip_grad: Optional[float] = 1.0,
         label_smoothing: float = 0.0, seed: int = 0, out_dir: str | Path = "runs/fit", resume: bool | str = False,
         num_workers: int = 0, amp: bool = True, progress: bool = True,
-        on_epoch_end: Optional[Callable[[dict], None]] = None, save_model: bool = True) -> FitResult:
+        on_epoch_end: Optional[Callable[[dict], None]] = None, save_model: bool = True,
+        objective: Optional[nn.Module] = None) -> FitResult:
     """Train the parameters of `model` that require grad on `train` (batches of `(images, labels)`).
 
     Args:
@@ -134,6 +135,10 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         amp: bf16 autocast when CUDA is present (ignored on CPU). progress: a Rich progress bar.
         on_epoch_end: called with the epoch's metrics after its checkpoint is written.
         save_model: `vk.save` the final model into `out_dir/model` (trained tensors only, for adapters).
+        objective: a self-supervised objective holding `model` (`vk.pretrain`; contract in `vitkit.pretrain`):
+            labels are ignored and `objective(images) -> (loss, stats)` replaces the classification loss; its
+            `lr_scale(name)` scales each parameter's lr, `after_step(step, total)` runs after every optimizer
+            step (EMA teachers), and its whole state (decoder, teacher, centre) goes into the checkpoints.
     """
     from accelerate import Accelerator
 
@@ -143,7 +148,11 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     accelerator = Accelerator(mixed_precision="bf16" if amp and cuda else "no", cpu=not cuda)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(out_dir)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if objective is not None and val is not None:
+        raise ValueError("fit: `val` is for classification; a self-supervised objective is measured afterwards "
+                         "(vk.evaluate with protocol='knn' or 'linear')")
+    net = model if objective is None else objective  # what the optimizer, Accelerate and checkpoints see
+    params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: no parameter requires grad; apply an adaptation method first, e.g. "
                          "vk.adapt(model, 'linear') or vk.adapt(model, 'full')")
@@ -157,14 +166,19 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     if main:
         _log.info("fit: lr %g (%s), weight decay %g (%s)", lr, source_of["lr"], weight_decay,
                   source_of["weight_decay"])
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay = [p for n, p in params if p.ndim >= 2 and n.split(".")[0] not in skip]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and n.split(".")[0] not in skip)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    skip = set(getattr(net, "no_weight_decay", lambda: set())())
+    scale_of = getattr(objective, "lr_scale", lambda name: 1.0)  # per-parameter lr multiplier
+    groups = []
+    for decays in (True, False):
+        chosen = [(n, p) for n, p in params if (p.ndim >= 2 and n not in skip and n.split(".")[0] not in skip)
+                  == decays]
+        for scale in sorted({scale_of(n) for n, _ in chosen}, reverse=True) or [1.0]:
+            groups.append({"params": [p for n, p in chosen if scale_of(n) == scale], "lr_scale": scale,
+                           "weight_decay": weight_decay if decays else 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    ddp_model, optimizer = accelerator.prepare(net, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    extra_losses = model.__dict__.get("_vitkit_losses", [])
+    extra_losses = model.__dict__.get("_vitkit_losses", []) if objective is None else []
     n_batches = math.ceil(len(epoch_order(len(train), seed, 0, rank, world)) / batch_size)
     steps_per_epoch = math.ceil(n_batches / grad_accum)
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
@@ -174,6 +188,10 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                   min_lr=min_lr, grad_accum=grad_accum, clip_grad=clip_grad, label_smoothing=label_smoothing,
                   seed=seed, world_size=world, trainable=sum(p.numel() for _, p in params), train_size=len(train),
                   methods=method_chain(model), lr_source=source_of["lr"])
+    if objective is not None:
+        config["objective"] = objective.describe()
+    kept_state = (lambda: trained_state(model)) if objective is None else (
+        lambda: {k: v.detach().cpu().clone() for k, v in objective.state_dict().items()})
 
     # --- resume: weights, optimizer, schedule step, RNG, next epoch ----------------------------------------
     last = run_dir / "last.pt"
@@ -195,12 +213,12 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         if changes:
             warnings.warn(f"fit: resuming {source} with changed settings ({'; '.join(changes)}) because "
                           "resume='force': the result is not that of one uninterrupted run", stacklevel=2)
-        expected = set(trained_state(model))
+        expected = set(kept_state())
         if set(ckpt["model"]) != expected:
             raise ValueError(f"fit: {source} holds other tensors than this model trains "
                              f"(missing {sorted(expected - set(ckpt['model']))[:5]}, unexpected "
                              f"{sorted(set(ckpt['model']) - expected)[:5]}); apply the same methods before resuming")
-        model.load_state_dict(ckpt["model"], strict=False)
+        net.load_state_dict(ckpt["model"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, start_epoch = ckpt["scheduler"]["step"], ckpt["epoch"]
         history, best = ckpt["history"], ckpt["best"]
@@ -231,18 +249,25 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=n_batches, stats="")
             order = epoch_order(len(train), seed, epoch, rank, world)
             loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+            stat_sums: dict[str, float] = {}  # an objective's per-batch statistics, summed over images
             for i, (images, targets, *extras) in enumerate(loader(train, order)):  # extras: e.g. ForAug's masks
                 images, targets = images.to(accelerator.device), targets.to(accelerator.device)
-                mix = mix_batch(model, images, targets, extras)  # attached augmentations (vitkit.augment)
+                mix = mix_batch(model, images, targets, extras) if objective is None else None  # vitkit.augment
                 first = i - i % grad_accum  # first micro-batch of this optimizer step
                 micro = min(grad_accum, n_batches - first)  # micro-batches in this step (the last may be short)
                 sync = i == first + micro - 1
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, lr=lr, warmup=warmup, total=total, min_lr=min_lr)
+                    group["lr"] = lr_at(step, lr=lr, warmup=warmup, total=total, min_lr=min_lr) * group.get(
+                        "lr_scale", 1.0)
                 with (nullcontext() if sync else accelerator.no_sync(ddp_model)), accelerator.autocast():
-                    with mix.forward():
-                        logits = ddp_model(mix.images)  # (B, classes)
-                    loss = criterion(logits.float(), mix.target(logits.shape[-1]))  # labels or soft targets
+                    if objective is None:
+                        with mix.forward():
+                            logits = ddp_model(mix.images)  # (B, classes)
+                        loss = criterion(logits.float(), mix.target(logits.shape[-1]))  # labels or soft targets
+                    else:
+                        logits, (loss, stats) = None, ddp_model(images)
+                        for key, value in stats.items():
+                            stat_sums[key] = stat_sums.get(key, 0.0) + float(value) * len(targets)
                     for extra in extra_losses:
                         loss = loss + extra(model, images, logits, targets)
                 finite = bool(torch.isfinite(loss))
@@ -269,17 +294,23 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    if objective is not None:
+                        objective.after_step(step, total)
                 loss_sum += loss.item() * len(targets)
-                correct += (logits.argmax(-1) == targets).sum().item()
+                correct += (logits.argmax(-1) == targets).sum().item() if logits is not None else 0
                 seen += len(targets)
                 speed = seen * world / (time.perf_counter() - t0)
-                bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f} "
-                                                   f"{speed:.0f} img/s lr {optimizer.param_groups[0]['lr']:.2e}")
-            totals = accelerator.reduce(torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
-                                                     device=accelerator.device), "sum").tolist()
+                acc = f"acc {correct / seen:.3f} " if objective is None else ""
+                bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} {acc}{speed:.0f} img/s "
+                                                   f"lr {optimizer.param_groups[0]['lr']:.2e}")
+            totals = accelerator.reduce(torch.tensor([loss_sum, correct, seen, *stat_sums.values()],
+                                                     dtype=torch.float64, device=accelerator.device), "sum").tolist()
             metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                        "train_loss": totals[0] / totals[2], "train_acc": totals[1] / totals[2],
                        "img_per_s": totals[2] / (time.perf_counter() - t0), "epoch_time_s": time.perf_counter() - t0}
+            if objective is not None:  # no accuracy without labels; the objective's statistics instead
+                del metrics["train_acc"]
+                metrics.update({k: v / totals[2] for k, v in zip(stat_sums, totals[3:])})
             if val is not None:
                 metrics.update(validate(ddp_model, loader(val, list(range(rank, len(val), world))), accelerator))
             history.append(metrics)
@@ -288,7 +319,7 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             best = metrics if improved else best
 
             # --- checkpoint (atomic: temporary file, then rename) and metrics ---------------------------
-            ckpt = {"model": trained_state(model), "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
+            ckpt = {"model": kept_state(), "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
                     "epoch": epoch + 1, "history": history, "best": best, "config": config,
                     "rng": all_rng_states(accelerator), "data_order": {"seed": seed, "next_epoch": epoch + 1}}
             if main:

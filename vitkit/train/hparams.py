@@ -12,7 +12,7 @@ FALLBACK_LR, FALLBACK_WEIGHT_DECAY = 1e-3, 0.05  # when no applied method states
 
 # Settings that change what a resumed run computes; a checkpoint written with other values is not resumed silently.
 RESUME_KEYS = ("epochs", "lr", "batch_size", "weight_decay", "warmup_epochs", "min_lr", "grad_accum", "clip_grad",
-               "label_smoothing", "seed", "train_size", "methods")
+               "label_smoothing", "seed", "train_size", "methods", "objective")
 
 
 def default_hparams(model: nn.Module) -> dict:

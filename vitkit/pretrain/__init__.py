@@ -1,0 +1,111 @@
+"""Continued self-supervised pre-training of a pretrained timm ViT: `vk.pretrain(model, data, objective=...)`.
+
+    model = vk.load("vitkit/vit-tiny-cifar")
+    vk.pretrain(model, vk.data.digits(), objective="mae", epochs=5)   # the same timm model, trained in place
+    vk.adapt(model, "linear")                                         # then adapt / fit / bench it as usual
+
+An objective (`mae`, `dino`, ...) wraps the model with what it needs only while training (a decoder, a
+projection head, an EMA teacher) and trains through `vk.fit`'s loop (`fit(..., objective=...)`: resume, Accelerate
+multi-process, checkpoints, metrics); afterwards the extra parts are dropped and the model is the same timm
+`VisionTransformer`, its state-dict keys unchanged, so it saves/loads as a plain timm model and as a bench backbone.
+
+**The objective contract** (a new objective is one module `vitkit/pretrain/<name>.py`, `-` -> `_`):
+
+1. A docstring: paper, claim, what comes from lightly (`lightly.loss`, `lightly.models.modules`,
+   `lightly.models.utils` only: they import without Lightning) and what is hand-written and why.
+2. `@dataclass(frozen=True) class Config(base.Config)`: inherits `lr` (heads), `backbone_lr` (the pretrained
+   ViT: low by default, see the pitfall below) and `weight_decay`; adds the objective's own fields, each with
+   `metadata={"help": ...}`, checks in `__post_init__` (call `super().__post_init__()`).
+3. `class Objective(base.Objective)`: an `nn.Module` built as `Objective(model, cfg)`. `base.Objective.__init__`
+   stores `self.model` (the timm ViT, trained in place; never re-initialised) and `self.cfg`. It provides:
+     - `forward(images) -> (loss, stats)`: one batch to a scalar loss; `stats` a dict of floats logged per epoch
+       (e.g. DINO's collapse monitor). `images` is what `transform()` makes of one image, batched:
+       `(B, C, H, W)`, or `(B, V, C, H, W)` for several views;
+     - `transform() -> Callable[[PIL.Image], Tensor]`: the training transform (default: `vk.data.transform(
+       model, train=True)`; multi-view objectives stack views into `(V, C, H, W)`);
+     - `after_step(step, total_steps)`: called after each optimizer step (EMA teachers; default: nothing);
+     - `lr_scale(name)` / `no_weight_decay()`: provided by the base (backbone parameters train at
+       `backbone_lr / lr`; position embeddings and tokens without decay);
+     - `check(model)` (classmethod): raise `NotImplementedError("<name>: ...")` for a model it cannot train.
+   Parameters of `self.model` keep their names under `model.` (or `encoder.vit.` for lightly's masked wrapper,
+   see `base.Objective.backbone`); everything else is dropped after training.
+4. Last line: `register_objective("name", config=Config, objective=Objective)`.
+
+`vk.pretrain` freezes the classifier head (self-supervision never reaches it) and trains the whole backbone, unless
+an adaptation method is applied (LoRA, ExPLoRA-style partial unfreezing): then what that method left trainable
+trains. Objectives in this package: `mae`, `dino` (and, from the augmentation work, `sit`, `mmc-lite`).
+
+**Pitfall** (spec E): continued pre-training at full learning rate erases the pretrained features; every objective
+defaults to a backbone lr well below its heads' (`backbone_lr`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
+
+_OBJECTIVES: dict[str, "ObjectiveEntry"] = {}
+_discovered = False
+
+
+@dataclass(frozen=True)
+class ObjectiveEntry:
+    """A registered objective: its name, `Config` dataclass, `Objective` module class and one-line doc."""
+
+    name: str
+    config: type
+    objective: Callable
+    doc: str = ""
+
+    def fields(self) -> list[tuple[str, str, object, str]]:
+        """(name, type, default, help) for every config field (as `vk.methods()` entries give them)."""
+        from vitkit.registry import Method
+
+        return Method.fields(self)  # type: ignore[arg-type]
+
+
+def register_objective(name: str, *, config: type, objective: Callable) -> None:
+    """Register an objective. Called once, at the foot of the objective's module."""
+    from vitkit.registry import _NAME
+
+    if not _NAME.match(name):
+        raise ValueError(f"objective name `{name}` must be lower case letters, digits and `-`")
+    if name in _OBJECTIVES and _OBJECTIVES[name].objective is not objective:
+        raise ValueError(f"objective `{name}` is already registered by {_OBJECTIVES[name].objective.__module__}")
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"objective `{name}`: config must be a dataclass, got {config!r}")
+    missing = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
+    if missing:
+        raise ValueError(f"objective `{name}`: config fields {missing} need metadata={{'help': ...}}")
+    doc = (importlib.import_module(objective.__module__).__doc__ or "").strip().splitlines()
+    _OBJECTIVES[name] = ObjectiveEntry(name, config, objective, doc[0] if doc else "")
+
+
+def objectives() -> list[ObjectiveEntry]:
+    """Every registered objective, sorted by name (modules of this package are imported on first use)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        for info in pkgutil.iter_modules(__path__):
+            if not info.name.startswith("_") and not info.name.endswith("_algo") and info.name not in (
+                    "base", "commands", "run"):
+                importlib.import_module(f"{__name__}.{info.name}")
+    return sorted(_OBJECTIVES.values(), key=lambda e: e.name)
+
+
+def get_objective(name: str) -> ObjectiveEntry:
+    """The objective called `name`; an unknown name raises a `ValueError` listing the registered ones."""
+    known = {e.name: e for e in objectives()}
+    if name in known:
+        return known[name]
+    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(f'`{c}`' for c in close)}? " if close else ""
+    raise ValueError(f"pretrain: unknown objective `{name}`; {hint}objectives: {', '.join(known)}")
+
+
+from .run import pretrain  # noqa: E402  (the verb, after the registry it reads)
+
+__all__ = ["pretrain", "objectives", "get_objective", "register_objective", "ObjectiveEntry"]

@@ -1,0 +1,110 @@
+"""What every objective shares: the base `Config` (learning rates) and the base `Objective` module.
+
+Hand-written (no library has it): the split of parameters into the pretrained backbone (trained at
+`backbone_lr`) and the objective's new parts (trained at `lr`), the model checks, and the default transform.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Config:
+    """Learning rates shared by every objective (each objective's `Config` inherits and may re-default them)."""
+
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of the objective's new parts "
+                                              "(decoder, projection head); warm-up then cosine"})
+    backbone_lr: float = field(default=1e-4, metadata={"help": "peak learning rate of the pretrained ViT; keep it "
+                                                       "low: continued pre-training at full lr erases the "
+                                                       "pretrained features"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay of matrices (not of biases, "
+                                                        "norms, tokens or position embeddings)"})
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "backbone_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"pretrain: `{name}` must be > 0, got {getattr(self, name)!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"pretrain: `weight_decay` must be >= 0, got {self.weight_decay!r}")
+
+
+class Views:
+    """Several augmented views of one image, stacked `(V, C, H, W)` (DINO's global and local crops)."""
+
+    def __init__(self, transforms: list[Callable]):
+        self.transforms = list(transforms)
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([t(image) for t in self.transforms])
+
+    def __repr__(self) -> str:
+        return f"Views({len(self.transforms)})"
+
+
+def check_vit(model: nn.Module, objective: str) -> None:
+    """Refuse what is not a timm `VisionTransformer`-like model (patch embedding, blocks, prefix-token count)."""
+    missing = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "forward_features", "forward_head")
+               if not hasattr(model, a)]
+    if missing:
+        raise NotImplementedError(f"{objective}: needs a timm VisionTransformer (patch_embed, blocks, "
+                                  f"num_prefix_tokens); {type(model).__name__} lacks {', '.join(missing)}")
+
+
+class Objective(nn.Module):
+    """Base of every objective: holds the timm ViT (`self.model`) and the config; see the package contract."""
+
+    name = "objective"
+
+    def __init__(self, model: nn.Module, cfg: Config, *, hold_model: bool = True):
+        """Check `model` and keep it as `self.model` (`hold_model=False`: the subclass holds it in a wrapper and
+        overrides `backbone`, so that its state is stored once)."""
+        super().__init__()
+        self.check(model)
+        self.cfg = cfg
+        if hold_model:
+            self.model = model
+
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
+        """Raise `NotImplementedError` naming the reason when this objective cannot train `model`."""
+        check_vit(model, cls.name)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The pretrained ViT being trained (subclasses that store it elsewhere override this)."""
+        return self.model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def transform(self) -> Callable:
+        """The training transform of one image (default: the model's own training augmentation)."""
+        from vitkit.data import transform
+
+        return transform(self.backbone, train=True)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called by `fit` after each optimizer step (`step` counts the steps done so far)."""
+
+    def lr_scale(self, name: str) -> float:
+        """Learning-rate multiplier of parameter `name`: `backbone_lr / lr` for the ViT's, 1 for the new parts."""
+        if not hasattr(self, "_backbone_names"):
+            ids = {id(p) for p in self.backbone.parameters()}
+            self._backbone_names = {n for n, p in self.named_parameters() if id(p) in ids}
+        return self.cfg.backbone_lr / self.cfg.lr if name in self._backbone_names else 1.0
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters trained without weight decay (the ViT's tokens and position embedding)."""
+        skip = set(getattr(self.backbone, "no_weight_decay", lambda: set())())
+        prefix = next(n for n, m in self.named_modules() if m is self.backbone)
+        return {f"{prefix}.{n}" for n in skip}
+
+    def describe(self) -> list:
+        """[name, config] as JSON values: what a resumed run must share with its checkpoint."""
+        from vitkit.registry import config_dict
+
+        return [self.name, config_dict(self.cfg)]

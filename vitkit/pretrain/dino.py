@@ -1,0 +1,188 @@
+"""DINO: self-distillation from an EMA teacher across views, with centring and sharpening.
+
+Paper: *Emerging Properties in Self-Supervised Vision Transformers* (Caron et al., ICCV 2021, arXiv 2104.14294).
+Claim: a student matching the centred, sharpened output of its own momentum (EMA) teacher across crops learns
+features with strong k-NN and linear-probe accuracy (ViT-B 80.1% IN-1k linear); here used to *continue*
+pre-training a pretrained ViT on a new domain.
+
+Plugs in at: the ViT's own `forward_features` -> `forward_head(pre_logits=True)` (pooled features, whatever the
+pooling: class token, average, registers), followed by lightly's `DINOProjectionHead`; the teacher is a deep copy
+of both (no gradient) updated by lightly's `update_momentum` with lightly's `cosine_schedule` (momentum 0.996 -> 1);
+lightly's `DINOLoss` does the cross-entropy over view pairs (the same view excluded), the teacher centring and the
+centre's EMA. Both networks start from the pretrained weights; the heads are random.
+Hand-written here, and why: the teacher-temperature warm-up per optimizer step (lightly's schedule is per epoch),
+the views (timm's training transform, several crops of each image, see `transform`) and the collapse monitor
+(lightly has none): the teacher's centred, sharpened distribution has its per-image entropy and the entropy of its
+batch mean logged each epoch, both over log K: per-image -> 1 is uniform collapse, batch -> 0 is one-output collapse.
+Differs from the reference: local crops are drawn at the model's input size (a timm ViT without
+`dynamic_img_size` takes one size), so they cost as much as global ones and there are 2 by default (paper 8 at
+96 px); the head is small (output 1024, paper 65,536); the head's last layer is not frozen in the first epoch.
+Docs: docs/pretrain.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from vitkit.pretrain import register_objective
+
+from . import base
+
+
+@dataclass(frozen=True)
+class Config(base.Config):
+    """DINO settings (paper values in the help; head sized for small ViTs and CPU batches)."""
+
+    lr: float = field(default=1e-3, metadata={"help": "peak lr of the projection head (paper: 5e-4·batch/256)"})
+    backbone_lr: float = field(default=1e-4, metadata={"help": "peak lr of the pretrained ViT (low: full lr erases "
+                                                       "the pretrained features)"})
+    weight_decay: float = field(default=0.04, metadata={"help": "AdamW weight decay (paper 0.04 -> 0.4)"})
+    output_dim: int = field(default=1024, metadata={"help": "head output K (paper 65,536; small batches need a "
+                                                    "small K)"})
+    hidden_dim: int = field(default=512, metadata={"help": "head MLP width (paper 2048)"})
+    bottleneck_dim: int = field(default=128, metadata={"help": "head bottleneck before the weight-normalised last "
+                                                       "layer (paper 256)"})
+    global_views: int = field(default=2, metadata={"help": "global crops per image, seen by teacher and student "
+                                                   "(paper 2)"})
+    local_views: int = field(default=2, metadata={"help": "local crops per image, student only (paper 8, at 96 px; "
+                                                  "here at the model's input size)"})
+    global_scale: tuple[float, float] = field(default=(0.4, 1.0), metadata={"help": "area range of global crops "
+                                                                             "(paper 0.4-1)"})
+    local_scale: tuple[float, float] = field(default=(0.05, 0.4), metadata={"help": "area range of local crops "
+                                                                            "(paper 0.05-0.4)"})
+    student_temp: float = field(default=0.1, metadata={"help": "student softmax temperature (paper 0.1)"})
+    warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at the start (paper "
+                                                               "0.04)"})
+    teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after the warm-up (paper "
+                                                        "0.04-0.07)"})
+    teacher_temp_warmup: float = field(default=0.3, metadata={"help": "fraction of the optimizer steps over which "
+                                                              "the teacher temperature rises linearly (paper 30 of "
+                                                              "100 epochs)"})
+    center_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the teacher centre (paper 0.9)"})
+    momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum at the start, cosine to 1 at the "
+                                                     "end (paper 0.996)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("output_dim", "hidden_dim", "bottleneck_dim", "global_views"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"dino: `{name}` must be >= 1, got {getattr(self, name)!r}")
+        if self.local_views < 0 or self.global_views + self.local_views < 2:
+            raise ValueError(f"dino: needs at least 2 views (global_views + local_views), got "
+                             f"{self.global_views} + {self.local_views}")
+        for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"dino: `{name}` must be > 0, got {getattr(self, name)!r}")
+        for name in ("center_momentum", "momentum", "teacher_temp_warmup"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"dino: `{name}` must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"dino: `{name}` must be (low, high) with 0 < low <= high <= 1, got "
+                                 f"{getattr(self, name)!r}")
+
+
+def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The ViT's pooled pre-logits `(B, D)` (what `vk.evaluate`'s probes read)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+class Objective(base.Objective):
+    """Student (the ViT + a DINO head) and its EMA teacher; `forward(views) -> (loss, collapse monitor)`."""
+
+    name = "dino"
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+
+        super().__init__(model, cfg)
+        dim = model.forward_head(model.forward_features(self._probe(model)), pre_logits=True).shape[-1]
+        def make_head() -> nn.Module:
+            return DINOProjectionHead(input_dim=dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
+                                      output_dim=cfg.output_dim)
+
+        self.head = make_head()
+        self.teacher = copy.deepcopy(self.model)
+        self.teacher_head = make_head()  # weight-normalised layers cannot be deep-copied: a copy of the state
+        self.teacher_head.load_state_dict(self.head.state_dict())
+        for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
+            p.requires_grad_(False)
+        self.criterion = DINOLoss(output_dim=cfg.output_dim, teacher_temp=cfg.teacher_temp,
+                                  student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done (resumed with it)
+        self.register_buffer("total_steps", torch.ones((), dtype=torch.long))
+
+    @staticmethod
+    @torch.no_grad()
+    def _probe(model: nn.Module) -> torch.Tensor:
+        was = model.training
+        model.eval()
+        size = tuple(model.patch_embed.img_size)
+        x = torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=next(model.parameters()).device)
+        model.train(was)
+        return x
+
+    def teacher_temperature(self) -> float:
+        """Linear from `warmup_teacher_temp` to `teacher_temp` over the first `teacher_temp_warmup` of the steps."""
+        warm = self.cfg.teacher_temp_warmup * int(self.total_steps)
+        t = min(1.0, int(self.step) / warm) if warm > 0 else 1.0
+        return self.cfg.warmup_teacher_temp + t * (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp)
+
+    def momentum(self, index: int, total_steps: int) -> float:
+        """Teacher EMA momentum after step `index` (0-based): cosine from `momentum` to 1 over `total_steps`
+        (lightly's `cosine_schedule`, as the paper's per-iteration schedule)."""
+        from lightly.utils.scheduler import cosine_schedule
+
+        return cosine_schedule(index, total_steps, self.cfg.momentum, 1.0)
+
+    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if views.ndim != 5:
+            raise ValueError(f"dino: expects views (B, V, C, H, W) from its transform, got shape {tuple(views.shape)}")
+        b, v = views.shape[:2]
+        g = self.cfg.global_views
+        student = self.head(features(self.model, views.flatten(0, 1)))  # (B·V, K)
+        student = student.unflatten(0, (b, v)).transpose(0, 1)  # (V, B, K)
+        with torch.no_grad():
+            teacher = self.teacher_head(features(self.teacher, views[:, :g].flatten(0, 1)))
+            teacher = teacher.unflatten(0, (b, g)).transpose(0, 1)  # (G, B, K)
+            stats = self.collapse_monitor(teacher)
+        loss = self.criterion(list(teacher), list(student), teacher_temp=self.teacher_temperature())
+        return loss, stats
+
+    @torch.no_grad()
+    def collapse_monitor(self, teacher: torch.Tensor) -> dict[str, float]:
+        """Entropies (over log K) of the teacher's centred, sharpened softmax: per image, and of the batch mean."""
+        p = torch.softmax((teacher.float() - self.criterion.center) / self.teacher_temperature(), dim=-1)
+        p = p.flatten(0, 1)  # (G·B, K)
+        log_k = math.log(p.shape[-1])
+        per_image = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        mean = p.mean(0)
+        batch = -(mean * mean.clamp_min(1e-12).log()).sum()
+        return {"teacher_entropy": float(per_image) / log_k, "teacher_batch_entropy": float(batch) / log_k}
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """EMA of the teacher: θ_t <- m·θ_t + (1-m)·θ_s with m from the cosine schedule at the step just done."""
+        from lightly.models.utils import update_momentum
+
+        self.total_steps.fill_(total_steps)
+        m = self.momentum(step - 1, total_steps)
+        update_momentum(self.model, self.teacher, m)
+        update_momentum(self.head, self.teacher_head, m)
+        self.step.fill_(step)
+
+    def transform(self):
+        """`global_views` crops of area `global_scale`, then `local_views` of `local_scale`, flip + colour jitter."""
+        from vitkit.data import transform
+
+        return base.Views([transform(self.model, train=True, scale=self.cfg.global_scale)] * self.cfg.global_views
+                          + [transform(self.model, train=True, scale=self.cfg.local_scale)] * self.cfg.local_views)
+
+
+register_objective("dino", config=Config, objective=Objective)
