@@ -1,4 +1,4 @@
-"""MMC-lite: masked reconstruction + momentum self-distillation + global contrast. **Not a reproduction of MMC.**
+"""MMC-lite (not a reproduction of MMC): masked reconstruction + momentum self-distillation + global contrast.
 
 Named after *Masked Momentum Contrastive Learning for Zero-shot Semantic Understanding* (Wu et al., 2023,
 arXiv 2308.11448), whose objective combines masked image modelling, momentum self-distillation and a global
