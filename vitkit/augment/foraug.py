@@ -48,7 +48,8 @@ class Config:
         "help": "mask source: given (the dataset yields (image, label, mask)) or segment (vk.segment on the model)"})
     background: Literal["orig", "same", "all"] = field(default="all", metadata={
         "help": "background from: orig (own image), same (same class in the batch), all (any image in the batch)"})
-    size_jitter: float = field(default=0.3, metadata={"help": "j: pasted area ratio in [min·(1-j), max·(1+j)]"})
+    size_jitter: float = field(default=0.3, metadata={
+        "help": "j: pasted area ratio between min·(1-j) and max·(1+j) of the two images' mask fill fractions"})
     position_n: int = field(default=1, metadata={
         "help": "Bates n of the position per axis: 1 uniform, larger more central, 0 always centred"})
     edge_sigma: float = field(default=4.0, metadata={
