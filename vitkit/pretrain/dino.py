@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -104,8 +105,10 @@ class Objective(base.Objective):
         super().__init__(model, cfg)
         dim = model.forward_head(model.forward_features(self._probe(model)), pre_logits=True).shape[-1]
         def make_head() -> nn.Module:
-            return DINOProjectionHead(input_dim=dim, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.bottleneck_dim,
-                                      output_dim=cfg.output_dim)
+            with warnings.catch_warnings():  # lightly's head uses torch's older weight_norm (still supported)
+                warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm` is deprecated", FutureWarning)
+                return DINOProjectionHead(input_dim=dim, hidden_dim=cfg.hidden_dim,
+                                          bottleneck_dim=cfg.bottleneck_dim, output_dim=cfg.output_dim)
 
         self.head = make_head()
         self.teacher = copy.deepcopy(self.model)

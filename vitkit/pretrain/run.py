@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
+import torch
 import torch.nn as nn
 
 _log = logging.getLogger("vitkit")
@@ -30,15 +32,15 @@ def _trainable(model: nn.Module) -> dict[str, bool]:
 def pretrain(model: nn.Module, data, objective: str = "mae", *, epochs: int = 10, batch_size: int = 64,
              warmup_epochs: float = 1.0, grad_accum: int = 1, clip_grad: float | None = 3.0, seed: int = 0,
              out_dir: str | Path = "runs/pretrain", resume: bool | str = False, num_workers: int = 0,
-             progress: bool = True, **config) -> nn.Module:
+             progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None, **config) -> nn.Module:
     """Continue self-supervised pre-training of `model` on unlabelled images, in place, and return it.
 
     Args:
         model: a timm ViT (pretrained weights are kept as the starting point: nothing is re-initialised).
         data: a vitkit dataset (labels are ignored), an image folder or a bundled dataset name (`digits`).
         objective: a registered objective (`vitkit.pretrain.objectives()`: `mae`, `dino`, ...).
-        epochs, batch_size, warmup_epochs, grad_accum, clip_grad, seed, out_dir, resume, num_workers, progress:
-            as in `vk.fit` (the loop is `vk.fit`'s: exact resume, Accelerate / torchrun multi-process).
+        epochs, batch_size, warmup_epochs, grad_accum, clip_grad, seed, out_dir, resume, num_workers, progress,
+        on_epoch_end: as in `vk.fit` (the loop is `vk.fit`'s: exact resume, Accelerate / torchrun multi-process).
         **config: the objective's `Config` fields, including `lr` (new parts) and `backbone_lr` (the ViT).
 
     Returns:
@@ -63,12 +65,13 @@ def pretrain(model: nn.Module, data, objective: str = "mae", *, epochs: int = 10
                         f"{type(data).__name__}")
     before = _trainable(model)
     try:
+        torch.manual_seed(seed)  # the new parts' initialisation is a function of the seed (a run is reproducible)
         obj = entry.objective(model, cfg)
         train = data.with_transform(obj.transform())
         result = fit(model, train, None, epochs=epochs, lr=cfg.lr, batch_size=batch_size,
                      weight_decay=cfg.weight_decay, warmup_epochs=warmup_epochs, grad_accum=grad_accum,
                      clip_grad=clip_grad, seed=seed, out_dir=out_dir, resume=resume, num_workers=num_workers,
-                     progress=progress, objective=obj)
+                     progress=progress, on_epoch_end=on_epoch_end, objective=obj)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(before[name])

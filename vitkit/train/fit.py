@@ -141,6 +141,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             step (EMA teachers), and its whole state (decoder, teacher, centre) goes into the checkpoints.
     """
     from accelerate import Accelerator
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # before
+    # seeding: importing rich moves an RNG, so the first run in a process would differ from the later ones
 
     # --- setup ---------------------------------------------------------------------------------------------
     torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
@@ -239,8 +241,6 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                                            shuffle=False, num_workers=num_workers)
 
     # --- the loop ------------------------------------------------------------------------------------------
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.fields[stats]}"), disable=not (progress and main), transient=False)
     with bar:

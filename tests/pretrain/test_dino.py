@@ -1,0 +1,117 @@
+"""DINO objective: the teacher gets no gradient, the EMA step is exact, the loss (centring, sharpening) matches a
+plain-torch oracle, the centre update, the collapse monitor, and every conformance variant."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import VARIANTS, make_variant
+from vitkit.pretrain import dino
+
+SMALL = dict(output_dim=32, hidden_dim=32, bottleneck_dim=16, global_views=2, local_views=1)
+
+
+def build(name="plain", **cfg):
+    torch.manual_seed(0)
+    model = make_variant(name)
+    return model, dino.Objective(model, dino.Config(**{**SMALL, **cfg}))
+
+
+def test_wrapping_leaves_the_model_unchanged_and_the_teacher_starts_equal():
+    model = make_variant("registers")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    obj = dino.Objective(model, dino.Config(**SMALL))
+    assert obj.model is model
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(obj.teacher.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(obj.teacher_head.state_dict()[k], v) for k, v in obj.head.state_dict().items())
+
+
+def test_no_gradient_reaches_the_teacher():
+    model, obj = build()
+    loss, _ = obj(torch.randn(2, 3, 3, 32, 32))
+    loss.backward()
+    teacher = [*obj.teacher.parameters(), *obj.teacher_head.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in teacher), "a teacher parameter has a gradient"
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0, "the student got no gradient"
+    assert obj.head.layers[0].weight.grad.abs().sum() > 0
+
+
+def test_ema_step_is_exact():
+    model, obj = build(momentum=0.9)
+    with torch.no_grad():  # student and teacher apart, so the step is visible
+        for p in [*model.parameters(), *obj.head.parameters()]:
+            p.add_(torch.randn_like(p))
+    t_before = {k: v.clone() for k, v in obj.teacher.state_dict().items()}
+    h_before = {k: v.clone() for k, v in obj.teacher_head.state_dict().items()}
+    step, total = 4, 10
+    obj.after_step(step, total)
+    i = step - 1  # the paper's per-iteration cosine: m_i = 1 - (1 - m0)·(cos(π·i/(T-1)) + 1)/2
+    m = 1 - (1 - 0.9) * (math.cos(math.pi * i / (total - 1)) + 1) / 2
+    for got, before, student in ((obj.teacher, t_before, model), (obj.teacher_head, h_before, obj.head)):
+        s = dict(student.named_parameters())
+        for k, p in got.named_parameters():
+            torch.testing.assert_close(p, m * before[k] + (1 - m) * s[k], rtol=0, atol=1e-6)
+
+
+def oracle_dino_loss(student_out, teacher_out, center, t_temp, s_temp):
+    """Cross-entropy between the centred, sharpened teacher softmax of each global view and the student softmax
+    of every other view, averaged over pairs and images (Caron et al., 2021, Alg. 1 with multi-crop)."""
+    total, pairs = 0.0, 0
+    for i, t in enumerate(teacher_out):
+        p_t = F.softmax((t - center) / t_temp, dim=-1)
+        for j, s in enumerate(student_out):
+            if i == j:
+                continue
+            total = total + (-(p_t * F.log_softmax(s / s_temp, dim=-1)).sum(-1)).mean()
+            pairs += 1
+    return total / pairs
+
+
+def test_loss_centre_and_temperatures_match_the_oracle():
+    model, obj = build(center_momentum=0.8, warmup_teacher_temp=0.03, teacher_temp=0.07, teacher_temp_warmup=0.5)
+    with torch.no_grad():
+        obj.criterion.center.normal_()  # a centre that matters
+        for p in model.parameters():  # student != teacher
+            p.add_(0.1 * torch.randn_like(p))
+    obj.step.fill_(2), obj.total_steps.fill_(8)  # 2 of the 4 warm-up steps: teacher temperature 0.05
+    views = torch.randn(3, 3, 3, 32, 32)  # (B, V, C, H, W): 2 global + 1 local
+    center = obj.criterion.center.clone()
+
+    def head_of(vit, head, x):
+        return head(vit.forward_head(vit.forward_features(x), pre_logits=True))
+
+    with torch.no_grad():
+        student = [head_of(model, obj.head, views[:, v]) for v in range(3)]
+        teacher = [head_of(obj.teacher, obj.teacher_head, views[:, v]) for v in range(2)]
+        want = oracle_dino_loss(student, teacher, center, 0.05, 0.1)
+        loss, stats = obj(views)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    want_center = 0.8 * center + 0.2 * torch.cat(teacher).mean(0)  # EMA of the teacher's batch mean
+    torch.testing.assert_close(obj.criterion.center, want_center.reshape(center.shape), rtol=1e-5, atol=1e-6)
+    p = F.softmax((torch.cat(teacher) - center.reshape(1, -1)) / 0.05, dim=-1)
+    h = -(p * p.log()).sum(-1).mean() / math.log(32)
+    assert stats["teacher_entropy"] == pytest.approx(float(h), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_trains(name):
+    model, obj = build(name)
+    loss, stats = obj(torch.randn(2, 3, 3, 32, 32))
+    loss.backward()
+    assert torch.isfinite(loss) and 0 < stats["teacher_entropy"] <= 1 and 0 < stats["teacher_batch_entropy"] <= 1
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("blocks.0.")]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads), f"{name}: block 0 got no gradient"
+
+
+def test_refuses_bad_settings():
+    with pytest.raises(ValueError, match="dino: needs at least 2 views"):
+        dino.Config(global_views=1, local_views=0)
+    with pytest.raises(ValueError, match="dino: `momentum` must be in"):
+        dino.Config(momentum=1.5)
+    _, obj = build()
+    with pytest.raises(ValueError, match=r"dino: expects views \(B, V, C, H, W\)"):
+        obj(torch.randn(2, 3, 32, 32))
