@@ -61,7 +61,8 @@ def test_pasted_area_ratio_position_and_fill_fraction():
     placed, alpha = algo.place(fg, disk, ratio=0.15, u=0.5, v=0.5)
     assert abs(alpha.sum().item() / 1024 - 0.15) < 0.02, alpha.sum().item() / 1024  # object pixels, not its box
     rows, cols = torch.nonzero(alpha > 0.5, as_tuple=True)
-    assert abs((rows.min() + rows.max()).item() / 2 - 15.5) <= 1 and abs((cols.min() + cols.max()).item() / 2 - 15.5) <= 1
+    centre = ((rows.min() + rows.max()).item() / 2, (cols.min() + cols.max()).item() / 2)
+    assert abs(centre[0] - 15.5) <= 1 and abs(centre[1] - 15.5) <= 1, centre
     lo, hi = 0.1 * 0.7, 0.2 * 1.3
     assert [algo.target_ratio(0.1, 0.2, 0.3, u) for u in (0, 1)] == pytest.approx([lo, hi])
     top_left = algo.place(fg, disk, ratio=disk.mean().item(), u=0.0, v=0.0)[1]

@@ -103,6 +103,20 @@ def test_label_is_mean_of_area_and_attention_in_box(variant, size, mode):
     torch.testing.assert_close(target, soft(y, lam), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_read_keeps_fused_sdpa_and_the_logits():
+    from vitkit.explain.attention import fused_flags
+
+    model = vk.augment(make_variant("qk_norm"), "transmix", mixup_alpha=0.0)
+    x, y = batch()
+    mix = mix_batch(model, x, y)
+    with torch.no_grad():
+        plain = model(mix.images)
+        with mix.forward():
+            hooked = model(mix.images)
+    assert all(fused_flags(model)) and torch.equal(plain, hooked)
+    assert mix.target(K).shape == (4, K)
+
+
 def test_mixup_batch_keeps_standard_targets():
     model = vk.augment(make_variant("plain"), "transmix", cutmix_alpha=0.0)
     x, y = batch()

@@ -101,10 +101,10 @@ class Objective(base.Objective):
         from vitkit.models.runner import get_runner, has_runner
 
         super().check(model)
-        if has_runner(model) and get_runner(model).owners():
-            raise NotImplementedError(f"sit: the model has token-sequence methods ({', '.join(get_runner(model).owners())}"
-                                      "); the reconstruction head needs one token per patch: pre-train first, then "
-                                      "apply them")
+        owners = get_runner(model).owners() if has_runner(model) else []
+        if owners:
+            raise NotImplementedError(f"sit: the model has token-sequence methods ({', '.join(owners)}); the "
+                                      "reconstruction head needs one token per patch: pre-train first, then apply them")
 
     def student(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(patch tokens (B, G, D), projection (B, proj_dim)) of the student on `images`."""

@@ -6,7 +6,8 @@
 
 Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); augmentations
 attached with `vk.augment` transform each training batch (`vitkit.augment.mix_batch`; a dataset may yield
-`(image, label, *extras)`, e.g. ForAug's masks); nothing here knows any method. The learning rate and weight decay default to the applied methods' own (`default_hparams`:
+`(image, label, *extras)`, e.g. ForAug's masks); nothing here knows any method.
+The learning rate and weight decay default to the applied methods' own (`default_hparams`:
 each adaptation method's Config states its paper's / the PETL benchmarks' values). Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
 model in DDP; each process reads its own shard of the epoch's order). Mixed precision (bf16) only on CUDA.
 
