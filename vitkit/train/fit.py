@@ -122,7 +122,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
 
     Args:
         model: a classifier; methods applied before `fit` decide what trains.
-        train, val: datasets yielding `(image tensor, int label)` (attach a transform with `with_transform`).
+        train, val: datasets yielding `(image tensor, int label)` (attach a transform with `with_transform`); `train`
+            may yield further items (`(image, label, mask)`) that attached augmentations read (ForAug's masks).
         epochs, batch_size: the budget; `batch_size` is per process and per micro-batch.
         lr: peak learning rate; None: the applied methods' own (`default_hparams`, logged with its source).
         weight_decay: AdamW decay of matrices (not of biases, norms, tokens or position embeddings); None: as `lr`.
