@@ -51,9 +51,11 @@ def area_only(attn, box_grid, lam_area):  # plain CutMix: the label is the box a
     return torch.full((attn.shape[0],), float(lam_area))
 
 
-def run_arms(arms: dict, train, tests, seeds, epochs, batch_size) -> dict:
+def run_arms(arms: dict, train, tests, seeds, epochs, batch_size, only=None) -> dict:
     results = {}
     for label, (augment, patch) in arms.items():
+        if only and label not in only:
+            continue
         scores = []
         for seed in range(seeds):
             t0 = time.perf_counter()
@@ -90,7 +92,7 @@ def transmix_part(args) -> None:
     arms = {"no mixing": ([], None), "CutMix/Mixup (area labels)": ([("transmix", mixing)], area_only),
             "TransMix": ([("transmix", mixing)], None)}
     print(f"TransMix: digits, {args.per_class}/class train, {120 - args.per_class}/class test, {args.epochs} epochs")
-    table("TransMix on digits", run_arms(arms, train, tests, args.seeds, args.epochs, args.batch_size))
+    table("TransMix on digits", run_arms(arms, train, tests, args.seeds, args.epochs, args.batch_size, args.arm))
 
 
 # ------------------------------------------------------------------------------------------------------ ForAug
@@ -159,7 +161,7 @@ def foraug_part(args) -> None:
     print(f"ForAug: digit composites, background = label's texture with p = {args.shortcut}; {args.per_class}/class "
           f"train, {120 - args.per_class}/class test, {args.epochs} epochs")
     table("ForAug on the background-shortcut task", run_arms(arms, train, tests, args.seeds, args.epochs,
-                                                            args.batch_size))
+                                                            args.batch_size, args.arm))
 
 
 def main() -> None:
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=50, help="training images per class")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shortcut", type=float, default=0.9, help="ForAug task: P(background = label's texture)")
+    parser.add_argument("--arm", action="append", help="run only this arm (repeatable; default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"model {MODEL}, full fine-tuning, seeds 0..{args.seeds - 1}, torch {torch.__version__}")

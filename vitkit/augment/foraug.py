@@ -4,8 +4,8 @@ Paper: *ForAug: Recombining Foregrounds and Backgrounds to Improve Vision Transf
 Mitigation* (Nauen et al., 2025), arXiv:2503.09399. *Claim.* Recombined training images break background,
 centre and size shortcuts (up to +4.5 points ImageNet for ViTs trained on ForNet). Implemented per sample
 (with probability `prob`; otherwise the original): foreground of image i (its mask as alpha) onto a background
-chosen by `background` (`orig` its own, `same` one of the same class in the batch, `all` any in the batch) with
-the background's own foreground filled by its mean background colour; pasted area / image area drawn from
+chosen by `background` (`orig` its own, `same` one of the same class in the batch, `all` any in the batch),
+whose own foreground is in-painted by diffusion (`foraug_algo.fill_background`); pasted area / image area from
 U[min(r_fg, r_bg)(1-j), max(r_fg, r_bg)(1+j)] (r: mask fill fractions, j = `size_jitter`), relative to the
 object's pixels (its fill fraction), not its box; aspect kept, centre-cropped if too large; position per axis
 Bates(`position_n`) over the free range (no jut-out); alpha edge blurred with σ ~ U(0.1, 1)·`edge_sigma`
@@ -21,8 +21,9 @@ no-grad forward per batch).
 *Hand-written here, and why.* No library recombines foregrounds and backgrounds; the reference is a dataset
 over precomputed assets. *Differs from the reference.* Its offline stage (Grounded SAM prompted with the class
 name, LaMa/SDXL in-painting, version filtering) needs hub weights and a GPU and is not shipped; here the
-backgrounds are the other images of the batch with their foreground filled by a mean colour (a crude in-paint),
-and the alpha is blurred but not sharpened afterwards.
+backgrounds are the other images of the batch with their foreground in-painted by diffusion from the
+surrounding pixels (a crude in-paint: a flat mean colour left the partner's silhouette, a shape cue of another
+class), and the alpha is blurred but not sharpened afterwards.
 
 Spec: ../shared/methods/augment-pretrain.md (D2). Docs: docs/pretrain.md.
 """
@@ -122,6 +123,7 @@ class _ForAug:
             return mix
         masks = self.masks(model, mix, extras)
         fill = masks.flatten(1).mean(1).tolist()
+        backgrounds = algo.fill_background(x, masks)
         out = x.clone()
         for i in torch.nonzero(chosen).flatten().tolist():
             j = self.partner(i, mix.labels.cpu())
@@ -131,7 +133,7 @@ class _ForAug:
             u, v = algo.bates(cfg.position_n), algo.bates(cfg.position_n)
             fg, alpha = algo.place(x[i], masks[i], ratio, u, v)
             sigma = (0.1 + 0.9 * torch.rand(()).item()) * cfg.edge_sigma * x.shape[-1] / 224
-            out[i] = algo.composite(fg, algo.blur_alpha(alpha, sigma), algo.fill_background(x[j], masks[j]))
+            out[i] = algo.composite(fg, algo.blur_alpha(alpha, sigma), backgrounds[j])
         return Mix(out, mix.labels, mix.target_fn, mix.contexts)
 
 
