@@ -144,6 +144,31 @@ class Composites(torch.utils.data.Dataset):
         return item + (self.masks[i],) if self.with_mask else item
 
 
+def foraug_examples(path: str) -> None:
+    """A PNG of eight training composites and what ForAug makes of them (docs/img/foraug_examples.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitkit.augment import mix_batch
+
+    ds = Composites(list(range(8)), 0.9, seed=1, with_mask=True)
+    x, y, m = ds.images, torch.tensor(ds.targets), ds.masks
+    torch.manual_seed(0)
+    out = mix_batch(vk.augment(vk.load(MODEL), "foraug"), x, y, [m]).images
+    fig, ax = plt.subplots(2, 8, figsize=(12, 3.4))
+    for i in range(8):
+        for row, img in enumerate((x[i], out[i])):
+            ax[row, i].imshow((img.permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1))
+            ax[row, i].axis("off")
+        ax[0, i].set_title(f"label {int(y[i])}")
+    fig.suptitle("top: composites (background = the label's texture); bottom: after foraug (background='all')")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
 def foraug_part(args) -> None:
     from sklearn.datasets import load_digits
 
@@ -173,8 +198,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shortcut", type=float, default=0.9, help="ForAug task: P(background = label's texture)")
     parser.add_argument("--arm", action="append", help="run only this arm (repeatable; default: all)")
+    parser.add_argument("--examples", metavar="PNG", help="only write a picture of ForAug's composites")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.examples:
+        return foraug_examples(args.examples)
     print(f"model {MODEL}, full fine-tuning, seeds 0..{args.seeds - 1}, torch {torch.__version__}")
     if args.part in ("transmix", "all"):
         transmix_part(args)
