@@ -91,7 +91,10 @@ def test_label_stays_the_foregrounds_and_bad_masks_refused():
     model = vk.augment(make_variant("plain"), "foraug")
     x, y = images(), torch.arange(4)
     torch.manual_seed(1)
-    assert torch.equal(mix_batch(model, x, y, [box_masks()]).target(10), y)
+    first = mix_batch(model, x, y, [box_masks()])
+    assert torch.equal(first.target(10), y)
+    torch.manual_seed(1)
+    assert torch.equal(mix_batch(model, x, y, [box_masks()]).images, first.images)  # same seed, same samples
     with pytest.raises(ValueError, match="foraug: masks='given' needs batches of"):
         mix_batch(model, x, y)
     with pytest.raises(ValueError, match="do not match images"):
