@@ -124,9 +124,9 @@ class _ForAug:
         masks = self.masks(model, mix, extras)
         fill = masks.flatten(1).mean(1).tolist()
         backgrounds = algo.fill_background(x, masks)
-        out = x.clone()
+        out, labels = x.clone(), mix.labels.cpu()
         for i in torch.nonzero(chosen).flatten().tolist():
-            j = self.partner(i, mix.labels.cpu())
+            j = self.partner(i, labels)
             if fill[i] == 0 or fill[j] >= cfg.max_bg_fill:
                 continue
             ratio = algo.target_ratio(fill[i], fill[j], cfg.size_jitter, torch.rand(()).item())
