@@ -20,6 +20,8 @@ REFUSED: dict[tuple[str, str], str] = {
     ("ats", "no_cls_avg"): "ats: needs a class token",
     ("ats", "reg_no_cls"): "ats: needs a class token",
     **{("int4", v): "int4: torchao has int4 weight-only kernels for CUDA GPUs only" for v in VARIANTS},  # CPU models
+    ("transmix", "no_cls_avg"): "transmix: needs a class token",
+    ("transmix", "reg_no_cls"): "transmix: needs a class token",
 }
 
 METHODS = [m.name for m in vk.methods()]

@@ -120,10 +120,17 @@ def compress(model, name: str, **config):
     return _apply(model, name, kind="compress", **config)
 
 
+def augment(model, name: str, **config):
+    """Attach a training-time augmentation (kind `augment`: transmix, foraug) that `vk.fit` applies per batch."""
+    from .registry import apply as _apply
+
+    return _apply(model, name, kind="augment", **config)
+
+
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
            "attention", "explain", "segment", "similarity_overlap", "bench",
-           "robust", "attack", "audit", "distill", "pretrain"]
+           "robust", "attack", "audit", "distill", "pretrain", "augment"]
 
 for _name in __all__:  # verbs whose subpackage was imported while this file ran (explain, bench, info, ...)
     _value = globals()[_name]

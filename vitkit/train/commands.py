@@ -88,7 +88,10 @@ def _run_train(args: argparse.Namespace) -> None:
     train = parts.get(args.train_part, parts.get("all"))  # without --split: the whole dataset
     args.num_classes = args.num_classes or len(train.classes)
     model = load_model(args)
-    apply_specs(model, args.method or ["full"])
+    from vitkit.registry import get
+
+    trains = [m for m in args.method if get(m.partition(":")[0]).kind != "augment"]  # augmentations train nothing
+    apply_specs(model, (["full"] if not trains else []) + args.method)
     aug = parse_pairs(args.aug)
     train = train.with_transform(data.transform(model, train=True, **aug))
     val = parts.get(args.val_part)
@@ -174,7 +177,8 @@ def _add_train(sub) -> None:
     _data_args(p, "train", "train")
     p.add_argument("--val-part", default="val", help="split part to validate on each epoch (if present)")
     p.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]",
-                   help="adaptation method(s) to apply first (default: full)")
+                   help="method(s) to apply first, e.g. lora:rank=8, or an augmentation (transmix, foraug: "
+                        "vitkit methods --kind augment); default full (also when only augmentations are given)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the applied methods' own, see vitkit methods; printed)")

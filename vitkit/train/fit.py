@@ -4,8 +4,10 @@
         data order from (seed, epoch)  ->  micro-batches (accumulate, clip, step, lr from a pure schedule)
         ->  validate  ->  checkpoint last (+ best), metrics to JSONL/CSV
 
-Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); nothing here
-knows any method. The learning rate and weight decay default to the applied methods' own (`default_hparams`:
+Methods decide what trains by setting `requires_grad` (and may add loss terms with `add_loss`); augmentations
+attached with `vk.augment` transform each training batch (`vitkit.augment.mix_batch`; a dataset may yield
+`(image, label, *extras)`, e.g. ForAug's masks); nothing here knows any method.
+The learning rate and weight decay default to the applied methods' own (`default_hparams`:
 each adaptation method's Config states its paper's / the PETL benchmarks' values). Multi-process: the same code runs under `accelerate launch` or `torchrun` (Accelerate wraps the
 model in DDP; each process reads its own shard of the epoch's order). Mixed precision (bf16) only on CUDA.
 
@@ -33,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitkit.augment import mix_batch
 from vitkit.io import atomic_torch_save, atomic_write
 
 from .hparams import ResumeMismatchError, changed_settings, default_hparams, method_chain
@@ -122,7 +125,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             (`vk.distill`'s `Distiller`) is called as `model(images, targets) -> (logits, loss, labels)` and
             computes its own loss (`label_smoothing` and `add_loss` terms are then its business).
         train, val: datasets yielding `(image tensor, int label)` (attach a transform with `with_transform`);
-            `train.set_epoch(epoch)`, when the dataset has it, is called before each epoch.
+            `train.set_epoch(epoch)`, when the dataset has it, is called before each epoch. `train` may yield
+            further items (`(image, label, mask)`) that attached augmentations read (ForAug's masks).
         epochs, batch_size: the budget; `batch_size` is per process and per micro-batch.
         lr: peak learning rate; None: the applied methods' own (`default_hparams`, logged with its source).
         weight_decay: AdamW decay of matrices (not of biases, norms, tokens or position embeddings); None: as `lr`.
@@ -254,8 +258,9 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                 train.set_epoch(epoch)
             loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
             stat_sums: dict[str, float] = {}  # an objective's per-batch statistics, summed over images
-            for i, (images, targets) in enumerate(loader(train, order)):
+            for i, (images, targets, *extras) in enumerate(loader(train, order)):  # extras: e.g. ForAug's masks
                 images, targets = images.to(accelerator.device), targets.to(accelerator.device)
+                mix = mix_batch(model, images, targets, extras) if objective is None else None  # vitkit.augment
                 first = i - i % grad_accum  # first micro-batch of this optimizer step
                 micro = min(grad_accum, n_batches - first)  # micro-batches in this step (the last may be short)
                 sync = i == first + micro - 1
@@ -270,8 +275,9 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     elif computes_loss:  # vk.distill: the model computes its loss (teacher, projectors) itself
                         logits, loss, labels = ddp_model(images, targets)
                     else:
-                        logits = ddp_model(images)  # (B, classes)
-                        loss, labels = criterion(logits.float(), targets), targets
+                        with mix.forward():  # vitkit.augment: mixed images, hooks live for this forward only
+                            logits = ddp_model(mix.images)  # (B, classes)
+                        loss, labels = criterion(logits.float(), mix.target(logits.shape[-1])), targets  # labels or soft targets
                     for extra in extra_losses:
                         loss = loss + extra(model, images, logits, targets)
                 finite = bool(torch.isfinite(loss))
