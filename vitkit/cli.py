@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run_info)
 
     p = sub.add_parser("methods", help="list registered methods and their configs")
-    p.add_argument("--kind", choices=("adapt", "accelerate", "compress"), help="only this kind")
+    p.add_argument("--kind", choices=("adapt", "accelerate", "compress", "repair"), help="only this kind")
     p.set_defaults(func=_run_methods)
 
     for module_name in COMMAND_MODULES:

@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-KINDS = ("adapt", "accelerate", "compress")
-METHOD_PACKAGES = ("vitkit.adapt", "vitkit.tokens", "vitkit.compress")
+KINDS = ("adapt", "accelerate", "compress", "repair")
+METHOD_PACKAGES = ("vitkit.adapt", "vitkit.tokens", "vitkit.compress", "vitkit.distill")
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
