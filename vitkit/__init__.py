@@ -85,6 +85,7 @@ from .train import evaluate, fit
 from . import assets as _assets  # registers embedded checkpoints
 from .explain import attention, explain, segment, similarity_overlap  # vk.explain & co.
 from .bench import bench  # vk.bench: backbones x methods x protocols
+from .distill import distill  # vk.distill: teacher -> student (kd, logit-cache, ...)
 
 
 def apply(model, name: str, **config):
@@ -117,7 +118,7 @@ def compress(model, name: str, **config):
 
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
-           "attention", "explain", "segment", "similarity_overlap", "bench"]
+           "attention", "explain", "segment", "similarity_overlap", "bench", "distill"]
 
 for _name in __all__:  # verbs whose subpackage was imported while this file ran (explain, bench, info, ...)
     _value = globals()[_name]

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands")
+COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands", "vitkit.distill.commands")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:

@@ -462,7 +462,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def tensor_digest(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
-    return hashlib.blake2b(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"", digest_size=16).hexdigest() \
+    flat = t.reshape(-1).view(torch.uint8)  # reshape first: a 0-dim tensor (BatchNorm's counter) cannot be viewed
+    return hashlib.blake2b(flat.numpy().tobytes() if t.numel() else b"", digest_size=16).hexdigest() \
         + f":{tuple(t.shape)}:{t.dtype}"
 
 

@@ -117,8 +117,11 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     """Train the parameters of `model` that require grad on `train` (batches of `(images, labels)`).
 
     Args:
-        model: a classifier; methods applied before `fit` decide what trains.
-        train, val: datasets yielding `(image tensor, int label)` (attach a transform with `with_transform`).
+        model: a classifier; methods applied before `fit` decide what trains. A model with `computes_loss = True`
+            (`vk.distill`'s `Distiller`) is called as `model(images, targets) -> (logits, loss, labels)` and
+            computes its own loss (`label_smoothing` and `add_loss` terms are then its business).
+        train, val: datasets yielding `(image tensor, int label)` (attach a transform with `with_transform`);
+            `train.set_epoch(epoch)`, when the dataset has it, is called before each epoch.
         epochs, batch_size: the budget; `batch_size` is per process and per micro-batch.
         lr: peak learning rate; None: the applied methods' own (`default_hparams`, logged with its source).
         weight_decay: AdamW decay of matrices (not of biases, norms, tokens or position embeddings); None: as `lr`.
@@ -156,13 +159,15 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         _log.info("fit: lr %g (%s), weight decay %g (%s)", lr, source_of["lr"], weight_decay,
                   source_of["weight_decay"])
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay = [p for n, p in params if p.ndim >= 2 and n.split(".")[0] not in skip]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and n.split(".")[0] not in skip)]
+    decays = {n: p.ndim >= 2 and n.split(".")[0] not in skip and n not in skip for n, p in params}  # full names too
+    decay = [p for n, p in params if decays[n]]
+    no_decay = [p for n, p in params if not decays[n]]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     extra_losses = model.__dict__.get("_vitkit_losses", [])
+    computes_loss = getattr(model, "computes_loss", False)  # model(images, targets) -> (logits, loss, labels)
     n_batches = math.ceil(len(epoch_order(len(train), seed, 0, rank, world)) / batch_size)
     steps_per_epoch = math.ceil(n_batches / grad_accum)
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
@@ -228,6 +233,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             ddp_model.train()
             task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=n_batches, stats="")
             order = epoch_order(len(train), seed, epoch, rank, world)
+            if hasattr(train, "set_epoch"):  # a dataset whose samples depend on the epoch (vk.distill's logit cache)
+                train.set_epoch(epoch)
             loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
             for i, (images, targets) in enumerate(loader(train, order)):
                 images, targets = images.to(accelerator.device), targets.to(accelerator.device)
@@ -237,8 +244,11 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, lr=lr, warmup=warmup, total=total, min_lr=min_lr)
                 with (nullcontext() if sync else accelerator.no_sync(ddp_model)), accelerator.autocast():
-                    logits = ddp_model(images)  # (B, classes)
-                    loss = criterion(logits.float(), targets)
+                    if computes_loss:  # vk.distill: the model computes its loss (teacher, projectors) itself
+                        logits, loss, labels = ddp_model(images, targets)
+                    else:
+                        logits = ddp_model(images)  # (B, classes)
+                        loss, labels = criterion(logits.float(), targets), targets
                     for extra in extra_losses:
                         loss = loss + extra(model, images, logits, targets)
                 finite = bool(torch.isfinite(loss))
@@ -265,9 +275,10 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                loss_sum += loss.item() * len(targets)
-                correct += (logits.argmax(-1) == targets).sum().item()
-                seen += len(targets)
+                loss_sum += loss.item() * len(images)
+                if logits is not None and labels is not None:
+                    correct += (logits.argmax(-1) == labels).sum().item()
+                seen += len(images)
                 speed = seen * world / (time.perf_counter() - t0)
                 bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f} "
                                                    f"{speed:.0f} img/s lr {optimizer.param_groups[0]['lr']:.2e}")

@@ -1,0 +1,91 @@
+"""`vitkit distill TEACHER STUDENT --data ... --method kd`: the command-line face of `vk.distill`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _run_distill(args: argparse.Namespace) -> None:
+    import vitkit as vk
+    from vitkit import data
+    from vitkit.cli import apply_specs, parse_pairs
+    from vitkit.train.commands import apply_recipe, load_data
+
+    args = apply_recipe(args)
+    parts = load_data(args)
+    if args.train_part not in parts and list(parts) != ["all"]:
+        raise ValueError(f"--train-part {args.train_part!r} is not a split part; parts: {', '.join(parts)}")
+    train = parts.get(args.train_part, parts.get("all"))
+    teacher = None
+    if args.teacher.lower() != "none":
+        teacher = vk.load(args.teacher, arch=args.teacher_arch, **parse_pairs(args.teacher_arg))
+    student_args = parse_pairs(args.student_arg)
+    num_classes = student_args.pop("num_classes", None) or getattr(teacher, "num_classes", None) or len(train.classes)
+    student = vk.load(args.student, arch=args.student_arch, num_classes=num_classes,
+                      pretrained=args.student_pretrained, **student_args)
+    apply_specs(student, args.student_method)
+    train = train.with_transform(data.transform(student, train=True, **parse_pairs(args.aug)))
+    val = parts.get(args.val_part)
+    val = val.with_transform(data.transform(student)) if val is not None and args.val_part != args.train_part else None
+    result = vk.distill(teacher, student, train, args.method, val=val, out_dir=args.out, epochs=args.epochs,
+                        lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed,
+                        warmup_epochs=args.warmup_epochs, resume=args.resume, num_workers=args.workers,
+                        progress=not args.no_progress, **parse_pairs(args.set))
+    summary = {"run_dir": str(result.run_dir), "method": args.method, "distill": result.config["distill"],
+               "last": result.history[-1] if result.history else None, "best": result.best}
+    print(json.dumps(summary, indent=2))
+    print(f"student: {Path(args.out) / 'model'} (vk.load it, or use it as a vitkit bench backbone); metrics: "
+          f"{Path(args.out) / 'metrics.jsonl'}")
+
+
+def _methods_epilog() -> str:
+    from .base import methods
+
+    lines = ["distillation methods (--method NAME, fields with --set KEY=VALUE):"]
+    for m in methods():
+        lines.append(f"  {m.name}: {m.doc}")
+        lines += [f"      {n}={d!r}  {h}" for n, _, d, h in m.fields()]
+    return "\n".join(lines)
+
+
+def add_commands(sub) -> None:
+    """Add `distill` to the `vitkit` command line."""
+    from vitkit.train.commands import _data_args, _recipe
+
+    p = sub.add_parser("distill", help="train a student from a frozen teacher (vk.distill): kd, logit-cache, ...",
+                       description="Distil TEACHER into STUDENT on --data with a registered method; the student is "
+                       "saved to OUT/model.", epilog=_methods_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("teacher", help="teacher: timm name, weights file, save folder, embedded name; `none` for a "
+                                   "method that trains from a complete cache alone")
+    p.add_argument("student", help="student: timm name (random init unless --student-pretrained), file or folder")
+    p.add_argument("--teacher-arch", help="timm architecture of a teacher weights file")
+    p.add_argument("--teacher-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="teacher model argument, e.g. num_heads=4 (repeatable)")
+    p.add_argument("--student-arch", help="timm architecture of a student weights file")
+    p.add_argument("--student-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="student model argument, e.g. img_size=32 (repeatable; num_classes defaults to the teacher's)")
+    p.add_argument("--student-pretrained", action="store_true", help="start the student from pretrained weights")
+    p.add_argument("--student-method", action="append", default=[], metavar="NAME[:k=v,...]",
+                   help="adaptation method(s) applied to the student first (default: everything trains)")
+    _data_args(p, "train", "train")
+    p.add_argument("--val-part", default="val", help="split part to validate the student on (if present)")
+    p.add_argument("--method", default="kd", help="distillation method (listed below)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="distillation method config field, e.g. alpha=0.9 (repeatable)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vk.fit's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
+                   help="training transform option for timm create_transform, e.g. scale=[0.35,1] (repeatable)")
+    p.add_argument("--out", default="runs/distill", help="run folder (checkpoints, metrics, model/)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "force"), metavar="force",
+                   help="continue from OUT/last.pt (refused when its settings differ)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _recipe(p)
+    p.set_defaults(func=_run_distill)
