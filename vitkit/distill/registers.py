@@ -13,12 +13,14 @@ Plugs in at: the model's own prefix tokens. `apply` extends timm's `reg_token` b
 the position embedding covers the prefix (`no_embed_class=False`). The result is a plain timm
 `VisionTransformer` with more registers, which every vitkit method handles as prefix tokens and `vk.save` /
 `vk.load` rebuild (the method re-adds the rows, the saved tensors fill them). Trainable afterwards: the
-registers, `pos_embed`, `patch_embed` and the last block, nothing else (spec). Training (`train`, or
-`vk.distill(teacher, student, data, method="registers")`): the frozen teacher (the model before `apply`) sees
+registers, `pos_embed`, `patch_embed` and the last block, nothing else (spec). Training:
+`vk.distill(model, copy.deepcopy(model), data, method="registers")` adds the registers to the student copy; the
+frozen teacher (the model before `apply`) sees
 the original image and 9 whole-patch shifts (farthest-point sampled, random horizontal flips, uncovered pixels
 white after normalisation); its final-norm patch tokens are mapped back to their source cells and averaged
-(`registers_algo`); the student learns them in one pass with `(1 - cos) + MSE`. AdamW, lr 1e-4 decaying
-exponentially to 5e-6, weight decay 0.01. Fused SDPA is kept.
+(`registers_algo`); the student learns them in one pass with `(1 - cos) + MSE`. AdamW, lr 1e-4, weight decay
+0.01, batch 8 (paper); the paper decays the lr exponentially to 5e-6, `vk.distill` uses `vk.fit`'s warmup +
+cosine down to `min_lr` 5e-6. Fused SDPA is kept.
 
 Hand-written here, and why: no library adds registers to a trained timm ViT or builds PH-Reg's TTA targets.
 Differs from the reference: the reference puts registers before the class token; vitkit keeps timm's layout.
@@ -30,18 +32,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from vitkit.models.layout import token_layout
 from vitkit.models.runner import get_runner, has_runner
-from vitkit.registry import register
+from vitkit.registry import apply as vk_apply, register
 
 from . import registers_algo as algo
-from ._repair import freeze_teacher, train_steps
+from .base import DistillLoss, Step, Teacher, register as register_distill
 
 METHOD = "registers"
 
@@ -50,17 +51,21 @@ METHOD = "registers"
 class Config:
     num_registers: int = field(default=16, metadata={"help": "registers R added after the existing prefix tokens "
                                                              "(0: no new token; the model's outputs are unchanged)"})
-    num_views: int = field(default=10, metadata={"help": "teacher views: the original plus num_views-1 shifts"})
-    max_shift: float = field(default=0.15, metadata={"help": "largest shift as a fraction of the grid side (whole "
-                                                             "patches, rounded)"})
-    mse_weight: float = field(default=1.0, metadata={"help": "weight of the MSE term beside (1 - cos)"})
-    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (paper); decays exponentially"})
-    min_lr: float = field(default=5e-6, metadata={"help": "learning rate reached at the last step (paper)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (paper)"})
 
     def __post_init__(self):
         if self.num_registers < 0:
             raise ValueError(f"registers: `num_registers` must be >= 0, got {self.num_registers}")
+
+
+@dataclass(frozen=True)
+class DistillConfig(Config):
+    num_views: int = field(default=10, metadata={"help": "teacher views: the original plus num_views-1 shifts"})
+    max_shift: float = field(default=0.15, metadata={"help": "largest shift as a fraction of the grid side (whole "
+                                                             "patches, rounded)"})
+    mse_weight: float = field(default=1.0, metadata={"help": "weight of the MSE term beside (1 - cos)"})
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.num_views < 1:
             raise ValueError(f"registers: `num_views` must be >= 1, got {self.num_views}")
         if not 0 <= self.max_shift < 1:
@@ -146,29 +151,30 @@ def artefact_score(model: nn.Module, images: torch.Tensor, sigmas: float = 3.0) 
     return float(algo.high_norm_fraction(last, sigmas))
 
 
-def train(student: nn.Module, teacher: nn.Module, batches: Iterable, steps: int, cfg: Optional[Config] = None,
-          seed: int = 0, progress: bool = False) -> list[float]:
-    """Self-distil `student` (the model after `apply`) from the frozen `teacher` (the model before it).
+class RegistersLoss(DistillLoss):
+    """Adds the registers to the student (`vk.apply(student, "registers")`) and returns PH-Reg's loss against the
+    teacher's shift/flip-averaged final-norm patch tokens. The teacher is the model before registers."""
 
-    Args:
-        batches: an iterable of image tensors (B, 3, H, W) or (images, labels) pairs, cycled for `steps`.
-        steps: optimizer steps; the learning rate decays exponentially from `cfg.lr` to `cfg.min_lr` over them.
-        seed: seeds the views (new ones for every batch) and nothing else.
-    Returns:
-        the loss of every step.
-    """
-    cfg = cfg or Config()
-    freeze_teacher(teacher)
-    grid = token_layout(student).grid_size
-    gen = torch.Generator().manual_seed(seed)
-    p = student.num_prefix_tokens
+    def __init__(self, cfg: DistillConfig, teacher: Optional[Teacher], student: nn.Module, example: torch.Tensor):
+        super().__init__(cfg, teacher, student, example)
+        _check(teacher.model)
+        vk_apply(student, METHOD, num_registers=cfg.num_registers)
+        with torch.no_grad():
+            s, t = patch_tokens(student.eval(), example), patch_tokens(teacher.model, teacher.input(example))
+        if s.shape != t.shape:
+            raise ValueError(f"registers: the student's patch tokens {tuple(s.shape)} differ from the teacher's "
+                             f"{tuple(t.shape)}; the student must be a copy of the teacher (copy.deepcopy)")
+        self.generator = torch.Generator().manual_seed(0)
 
-    def loss_fn(images: torch.Tensor) -> torch.Tensor:
-        views = algo.choose_views(grid, cfg.num_views, round(cfg.max_shift * min(grid)), generator=gen)
-        target = tta_target(teacher, images, views)
-        return algo.distill_loss(student.forward_features(images)[:, p:], target, cfg.mse_weight)
-
-    return train_steps(student, loss_fn, batches, steps, cfg.lr, cfg.min_lr, cfg.weight_decay, progress, METHOD)
+    def forward(self, student, teacher, images, targets) -> Step:
+        grid = tuple(s // p for s, p in zip(images.shape[-2:], student.patch_embed.patch_size))
+        views = algo.choose_views(grid, self.cfg.num_views, round(self.cfg.max_shift * min(grid)),
+                                  generator=self.generator)
+        target = tta_target(teacher.model, teacher.input(images), views)
+        loss = algo.distill_loss(patch_tokens(student, images), target, self.cfg.mse_weight)
+        return Step(None, loss, None)
 
 
 register(METHOD, kind="repair", config=Config, apply=apply, identity={"num_registers": 0})
+register_distill(METHOD, config=DistillConfig, loss=RegistersLoss,
+                 fit_defaults={"lr": 1e-4, "min_lr": 5e-6, "weight_decay": 0.01, "batch_size": 8})

@@ -1,4 +1,4 @@
-"""ScaleKD's losses on plain tensors: dual-view feature mimicking, the DCT view, cross-attention, logit KD.
+"""ScaleKD's losses on plain tensors: dual-view feature mimicking, the DCT view, cross-attention.
 
 Fan et al., *ScaleKD: Strong Vision Transformers Could Be Excellent Teachers*, NeurIPS 2024, arXiv:2411.06786.
 Knows nothing about timm: feature maps `(B, C, H, W)` and logits in, scalars out. Written from the spec
@@ -72,11 +72,3 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=softmax_scale / math.sqrt(d))
     return out.transpose(1, 2).reshape(B, Nq, C)
 
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            weight: float = 0.5) -> torch.Tensor:
-    """Soft-target cross entropy `-weight * T^2 * sum(p_t^T * log p_s^T) / B` (ScaleKD's logit term)."""
-    t = temperature
-    p_t = F.softmax(teacher_logits / t, dim=-1)
-    log_p_s = F.log_softmax(student_logits / t, dim=-1)
-    return -weight * t * t * (p_t * log_p_s).sum() / student_logits.shape[0]
