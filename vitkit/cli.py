@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands", "vitkit.distill.commands")
+COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands",
+                   "vitkit.distill.commands")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:

@@ -262,12 +262,16 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
         registry.apply(model, entry["name"], **entry["config"])
     tensors = load_file(str(path / WEIGHTS))
     expected = model.state_dict()
+    new_head = [k for k in tensors if "num_classes" in overrides and k.startswith(("head.", "head_dist."))
+                and k in expected and expected[k].shape != tensors[k].shape]
+    for key in new_head:  # another class count asked for (e.g. a bench task): the rebuilt model keeps a new head
+        tensors.pop(key)
     unexpected = [k for k in tensors if k not in expected]
     shapes = [k for k in tensors if k in expected and expected[k].shape != tensors[k].shape]
     if unexpected or shapes:
         raise ValueError(f"{path}: saved tensors do not fit the rebuilt model: unexpected {unexpected[:5]} "
                          f"({len(unexpected)}), shape mismatch {shapes[:5]} ({len(shapes)})")
-    model.load_state_dict(tensors, strict=manifest["weights"] == "full")
+    model.load_state_dict(tensors, strict=manifest["weights"] == "full" and not new_head)
     return model
 
 

@@ -60,7 +60,7 @@ def register(name: str, *, config: type, loss: type, fit_defaults: Optional[dict
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"distill method `{name}`: config must be a dataclass, got {config!r}")
     names = [f.name for f in dataclasses.fields(config)]
-    missing = [n for f, n in zip(dataclasses.fields(config), names) if not f.metadata.get("help")]
+    missing = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
     if missing:
         raise ValueError(f"distill method `{name}`: config fields {missing} need metadata={{'help': ...}}")
     clash = sorted(set(names) & _fit_keys())

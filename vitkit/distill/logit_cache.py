@@ -21,7 +21,7 @@ teacher; every file is written atomically. Format: `logit_cache_io.py` and `docs
 Hand-written here, and why: no maintained library stores teacher logits with replayable augmentation seeds
 (torchdistill and timm run the teacher online). Differs from the reference: mixup/cutmix are not supported in
 cache mode (the spec's v1: replay needs identical batch composition); one record file per shard of samples
-(not per rank), so any number of processes can write and read it; the seeds are drawn from (view_seed, epoch,
+(not per rank; ranks share the (epoch, shard) pairs), so any number of processes can write and read it; the seeds are drawn from (view_seed, epoch,
 shard), so a rewritten shard stores the same seeds.
 """
 from __future__ import annotations
@@ -123,22 +123,22 @@ class CachedViews(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         rec = self.records[index]
         view = replay(self.data, index, rec["seed"])
-        target = torch.cat([torch.tensor([float(self.data.targets[index])]),
-                            torch.from_numpy(rec["idx"].astype(np.float32)),
-                            torch.from_numpy(rec["val"].astype(np.float32))])
-        return view, target
+        target = np.concatenate([[self.data.targets[index]], rec["idx"], rec["val"]]).astype(np.float32)
+        return view, torch.from_numpy(target)
 
 
 def write_cache(root: Path, data, teacher: Teacher, *, epochs: int, k: int, view_seed: int, shard_size: int,
                 batch_size: int, progress: bool = True) -> None:
-    """Write the missing shards of epochs `[0, epochs)` (this process's share: shard `j` by rank `j % world`)."""
+    """Write the missing shards of epochs `[0, epochs)`; with several processes, the i-th (epoch, shard) pair is
+    written by rank `i % world`."""
     from accelerate import PartialState
     from rich.progress import Progress
 
     state = PartialState()
     n, keys = len(data), sample_keys(data)
-    todo = [(e, j) for e in range(epochs) for j in range(math.ceil(n / shard_size))
-            if j % state.num_processes == state.process_index and not io.shard_complete(root, e, j)]
+    pairs = [(e, j) for e in range(epochs) for j in range(math.ceil(n / shard_size))]
+    todo = [(e, j) for i, (e, j) in enumerate(pairs)
+            if i % state.num_processes == state.process_index and not io.shard_complete(root, e, j)]
     with Progress(disable=not (progress and state.is_main_process and todo)) as bar:
         task = bar.add_task("writing logit cache", total=len(todo))
         for epoch, j in todo:

@@ -70,7 +70,8 @@ def seeded(seed: int) -> Iterator[None]:
     """Every RNG a transform may touch (torch, `random`, numpy) seeded from `seed`; the outer states restored."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator (transforms run on CPU); torch.manual_seed
+        random.seed(seed), np.random.seed(seed)  # also seeds every accelerator: 0.5 ms per call
         try:
             yield
         finally:

@@ -1,6 +1,8 @@
-"""`vk.distill(teacher, student, data, method=...)`: a registered method's loss around the student, trained by `vk.fit`."""
+"""`vk.distill(teacher, student, data, method=...)`: a registered method's loss around the student, trained by
+`vk.fit`."""
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Optional
@@ -34,7 +36,6 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
         `vk.fit`'s `FitResult`; its `config["distill"]` names the method and its config.
     """
     from vitkit.io import save
-    from vitkit.models.loading import record_module_base
     from vitkit.registry import Applied, applied, config_dict, make_config
     from vitkit.train.fit import fit
 
@@ -58,13 +59,12 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
         stats = input_stats(student)
         _log.info("distill: the data transform has no Normalize step; assuming the student's mean/std %s", stats)
     guide = Teacher(teacher, stats) if teacher is not None else None
-    record_module_base(student)  # so that vk.save writes the distilled student (no-op for a model vk.load made)
 
     example = torch.stack([data[i][0] for i in range(min(2, len(data)))])
     loss = spec.loss(cfg, guide, student, example)
-    seed, epochs = fit_kwargs.get("seed", 0), fit_kwargs.get("epochs", 10)
-    train = loss.prepare_data(data, guide, epochs=epochs, seed=seed, batch_size=fit_kwargs.get("batch_size", 64),
-                              progress=fit_kwargs.get("progress", True))
+    setting = {k: fit_kwargs.get(k, p.default) for k, p in inspect.signature(fit).parameters.items()}
+    train = loss.prepare_data(data, guide, epochs=setting["epochs"], seed=setting["seed"],
+                              batch_size=setting["batch_size"], progress=setting["progress"])
     model = Distiller(student, loss, guide)
     model.__dict__["_vitkit_applied"] = [*applied(student), Applied(f"distill-{method}", cfg)]  # resume checks
     result = fit(model, train, val, out_dir=out_dir, save_model=False, **fit_kwargs)
