@@ -132,6 +132,12 @@ class DenoiseLoss(DistillLoss):
         super().__init__(cfg, teacher, student, example)
         if denoiser_of(teacher.model) is not None:
             raise ValueError(f"{METHOD}: the teacher already has a denoiser; pass the model before `denoise`")
+        with torch.no_grad():
+            s = student.eval().forward_features(example)
+            t = teacher.model.forward_features(teacher.input(example))
+        if s.shape != t.shape:
+            raise ValueError(f"{METHOD}: the student's tokens {tuple(s.shape)} differ from the teacher's "
+                             f"{tuple(t.shape)}; the student must be a copy of the teacher (copy.deepcopy)")
         vk_apply(student, METHOD, pos_size=cfg.pos_size, mlp_ratio=cfg.mlp_ratio)
         self.generator = torch.Generator().manual_seed(0)
 
