@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vitkit as vk
-from conftest import TINY, make_variant
+from conftest import CIFAR_JPEG, TINY, make_variant, require
 from vitkit.distill import registers
 from vitkit.distill import registers_algo as algo
 
@@ -140,3 +140,25 @@ def test_self_distillation_reduces_planted_artefacts(tmp_path):
     loaded = vk.load(tmp_path / "model")
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(held_out), student.eval()(held_out), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_repaired_model_is_a_bench_backbone(tmp_path):
+    """registers then denoise on one model: saved, reloaded by `vitkit bench` as a backbone (k-NN probe)."""
+    from vitkit.bench import bench
+
+    root = require(CIFAR_JPEG)
+    model = make_variant("plain")
+    vk.apply(model, "registers", num_registers=2)
+    vk.apply(model, "denoise")
+    vk.save(model, tmp_path / "repaired")
+    folder = tmp_path / "imgs"
+    for cls in sorted(p.name for p in root.iterdir())[:2]:
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((root / cls).iterdir())[:6]:
+            (folder / cls / f.name).write_bytes(f.read_bytes())
+    recipe = {"backbones": [{"name": "repaired", "source": str(tmp_path / "repaired")}],
+              "tasks": [{"name": "t", "root": str(folder), "train": 4, "eval": 2}], "protocols": ["knn"],
+              "chains": [], "perf": False}
+    rows = [r for r in bench(recipe, out=tmp_path / "bench").rows if r["backbone"] == "repaired"]
+    assert rows and all(r.get("acc") is not None for r in rows), rows
