@@ -64,8 +64,10 @@ def part_kd(args, train, val) -> None:
     print(f"| student run | top-1 mean ± std ({args.seeds} seeds) | per seed | wall s / run |")
     print("|---|---|---|---|")
     for name, kw in runs.items():
+        if args.only and kw["method"] + ("-ce" if kw.get("alpha") == 0.0 else "") not in args.only.split(","):
+            continue
         accs, walls = [], []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             student = student_model(seed)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as out:
@@ -169,6 +171,8 @@ def part_locality(args, train, val) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--only", help="student runs to do: kd-ce, kd, scalekd (comma-separated; default all)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--reg-epochs", type=int, default=3)
     ap.add_argument("--train", type=int, default=100, help="training images per class")
