@@ -171,7 +171,8 @@ def main() -> None:
         return ddp(args)
     teacher, parts = setup(args)
     teacher_acc = vk.evaluate(teacher, parts["test"].with_transform(vk.data.transform(teacher)), "finetuned")["top1"]
-    others = [m.name for m in methods() if m.name not in ("kd", "logit-cache")]  # e.g. scalekd, once registered
+    repair = {m.name for m in vk.methods("repair")}  # registers, denoise, locality-align: not student training
+    others = [m.name for m in methods() if m.name not in ("kd", "logit-cache", *repair)]  # e.g. scalekd
     names = args.only or ["ce", "kd", "logit-cache", *others]
     work = Path(args.work or tempfile.mkdtemp(prefix="distill-bench-"))
     t0 = time.perf_counter()

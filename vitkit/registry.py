@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch.nn as nn
 
-KINDS = ("adapt", "accelerate", "compress", "augment")  # augment: training-time transforms read by vk.fit
-METHOD_PACKAGES = ("vitkit.adapt", "vitkit.tokens", "vitkit.compress", "vitkit.augment")
+KINDS = ("adapt", "accelerate", "compress", "augment", "repair")  # augment: training-time transforms read by vk.fit
+METHOD_PACKAGES = ("vitkit.adapt", "vitkit.tokens", "vitkit.compress", "vitkit.augment", "vitkit.distill")
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
