@@ -117,3 +117,17 @@ def test_refuses_a_cnn_teacher():
     cnn = timm.create_model("resnet10t", pretrained=False, num_classes=10)
     with pytest.raises(NotImplementedError, match="scalekd: the teacher must be a timm VisionTransformer"):
         ScaleKDLoss(Config(), Teacher(cnn, ((0.5,) * 3, (0.5,) * 3)), student, torch.randn(2, 3, 32, 32))
+
+
+def test_the_same_seed_gives_the_same_student(tmp_path):
+    """The projectors are built inside vk.distill from its seed, not from whatever the global RNG holds."""
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    students = []
+    for run, noise in enumerate((0, 1)):
+        teacher, student = models()
+        torch.manual_seed(100 + noise)  # a different global RNG state before each call
+        vk.distill(teacher, student, data, method="scalekd", epochs=1, batch_size=8, seed=3,
+                   out_dir=tmp_path / str(run), progress=False)
+        students.append(student.state_dict())
+    for key, value in students[0].items():
+        torch.testing.assert_close(students[1][key], value, rtol=0, atol=0, msg=key)

@@ -64,8 +64,9 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
     guide = Teacher(teacher, stats) if teacher is not None else None
 
     example = torch.stack([data[i][0] for i in range(min(2, len(data)))])
-    loss = spec.loss(cfg, guide, student, example)
     setting = {k: fit_kwargs.get(k, p.default) for k, p in inspect.signature(fit).parameters.items()}
+    torch.manual_seed(setting["seed"])  # the method's new modules (projectors) start alike for the same seed
+    loss = spec.loss(cfg, guide, student, example)
     train = loss.prepare_data(data, guide, epochs=setting["epochs"], seed=setting["seed"],
                               batch_size=setting["batch_size"], progress=setting["progress"])
     model = Distiller(student, loss, guide)
