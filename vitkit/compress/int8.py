@@ -9,11 +9,11 @@ Plugs in at: pattern 1 (the target Linears are replaced or get quantised weights
 tokens, prompts (VPT) and adapters' extra modules stay float; SDPA untouched; nothing trainable afterwards.
 Backends (`backend='auto'` picks per device, from the table `AUTO` that `benchmarks/compress.py` decided):
 * `torch.ao`: `torch.ao.quantization.quantize_dynamic`, per-channel int8 weights, fbgemm/x86 kernels. Deprecated
-  by torch, yet the only int8 path faster than fp32 in eager mode on CPU (benchmarks/compress.py, ViT-B/16,
-  batch 8, 2 threads: 1.82x; RESULTS.md "Compression");
+  by torch, yet the fastest int8 path in eager mode on CPU (benchmarks/compress.py, ViT-B/16,
+  batch 8, 2 threads: 2.31x, equal to quantize_dynamic on every Linear; RESULTS.md "Compression");
 * `torchao`: `torchao.quantization.quantize_` with `Int8DynamicActivationInt8WeightConfig` (per-row weights,
   per-token activations), or `Int8WeightOnlyConfig` with `weight_only=True`; its speed comes from CUDA kernels
-  and `torch.compile` (no eager CPU speed-up: 0.69x, weight-only 0.98x in the same run).
+  and `torch.compile` (eager CPU: 1.24x, weight-only 0.93x in the same run).
 Which one ran is recorded in the config (`vk.info`, the save's manifest, bench rows). Quantise last: a method
 applied after int8 sees quantised Linears (pruning and adapters refuse them).
 
