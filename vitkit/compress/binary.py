@@ -5,8 +5,8 @@ Paper: *BiViT: Extremely Compressed Binary Vision Transformers*, He et al., ICCV
 Claim: with 1-bit weights and activations and softmax-aware binarisation (SAB) a ViT keeps much of its accuracy
 after training (+19.8 % over the previous best on TinyImageNet; Swin-T 70.8 % ImageNet top-1). Benchmarked:
 the embedded model adapted to digits, binarised and fitted briefly with plain CE (`benchmarks/
-compress_structured.py`): 65-71 % of full-precision top-1 after 20-30 steps, short of the 80 % target
-(benchmarks/RESULTS.md).
+compress_structured.py`): 89.9 % of full-precision top-1 (mean of 3 seeds, 87.9-91.4 %) after a 10-epoch fit
+on 1,000 digits, above the 80 % target (benchmarks/RESULTS.md).
 
 Plugs in at: pattern 1, module swaps. Every targeted Linear (`attn.qkv`, `attn.proj` for part `attn`;
 `mlp.fc1`, `mlp.fc2` for part `mlp`) becomes a `BinaryLinear` that keeps the Linear's own `weight` (the latent
