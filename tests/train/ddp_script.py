@@ -36,8 +36,11 @@ if __name__ == "__main__":
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, f"stopped-{rank}.txt").write_text(str(err))
         sys.exit(3)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        sys.exit(0)
-    torch.save({"state": model.state_dict(), "history": result.history,
-                "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1},
-               f"{out}/final.pt")
+    world = 1
+    if torch.distributed.is_initialized():  # every rank leaves the group before exiting: a rank that exits with
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()  # gloo's threads alive
+        torch.distributed.barrier()  # aborts ("terminate called without an active exception", SIGABRT)
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            sys.exit(0)
+    torch.save({"state": model.state_dict(), "history": result.history, "world": world}, f"{out}/final.pt")
