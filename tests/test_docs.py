@@ -394,3 +394,24 @@ def test_harness_parses_markers(tmp_path: Path):
 ])
 def test_harness_compares_figures(quoted, printed, ok):
     assert (compare_output(quoted, printed) == []) is ok, compare_output(quoted, printed)
+
+
+def test_a_forked_block_behaves_like_python_block_py(tmp_path: Path, fork_server):
+    if fork_server is None:
+        pytest.skip("VITKIT_DOCS_FRESH=1: no fork server")
+    code = ("import atexit, os, sys\natexit.register(lambda: print('bye'))\nprint(os.getcwd(), os.environ['X'], "
+            "__name__, sys.argv)\nprint('oops', file=sys.stderr)\nimport torch\nprint(torch.get_num_threads())\n"
+            "sys.exit(3)\n")
+    block = Block(tmp_path / "page.md", 1, "python", code, output="")  # quoted output: one thread
+    os.environ["X"] = "x-value"
+    try:
+        forked, _ = run_block(block, tmp_path, fork_server)
+        fresh, _ = run_block(block, tmp_path, None)
+    finally:
+        del os.environ["X"]
+    assert forked.returncode == fresh.returncode == 3
+    assert forked.stdout == fresh.stdout == f"{tmp_path} x-value __main__ ['block.py']\n1\nbye\n"
+    assert forked.stderr == fresh.stderr == "oops\n"
+    failing = Block(tmp_path / "page.md", 1, "python", "raise ValueError('no')\n")
+    forked, _ = run_block(failing, tmp_path, fork_server)
+    assert forked.returncode == 1 and forked.stderr.rstrip().endswith("ValueError: no")
