@@ -16,6 +16,18 @@ import types as _types
 # before torch (the CLI and the tests do); set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _quiet_torchao_enum_notice() -> None:
+    """torchao (imported by PEFT and by vitkit.compress) registers Enums with torch's pytree, which logs a
+    deprecation addressed to torchao's developers on every import: two warning lines in every LoRA run."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").addFilter(
+        lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage())
+
+
+_quiet_torchao_enum_notice()
+
 __version__ = "0.1.0"
 
 
