@@ -161,7 +161,12 @@ def volume_features(model: nn.Module, volume: torch.Tensor, patches: int = 64, l
     cells = algo.feature_grid(volume.shape, patches)
     for a in axes:  # every slice size first: a size the model cannot take fails before any work
         ga, gb = (cells[b] for b in AXES if b != a)
-        layout.grid((ga * ph, gb * pw))
+        try:
+            layout.grid((ga * ph, gb * pw))
+        except ValueError as err:
+            raise ValueError(f"segment_volume: slices along axis {a} are fed at {ga * ph}x{gb * pw} px ({patches} "
+                             f"patches along the middle axis): {err} (CLI: --model-arg dynamic_img_size=true)"
+                             ) from None
     m, s = (torch.tensor(t, dtype=torch.float32).view(1, -1, 1, 1) for t in norm_stats(model, mean, std))
     param = next(model.parameters())
     total = None
