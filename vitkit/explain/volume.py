@@ -93,7 +93,7 @@ class VolumeSegmentation:
         """uint8 volume `255 / (0.99 · max) · similarity`, clamped (the transfer function's opacity)."""
         return algo.to_uint8(torch.from_numpy(self.similarity)).numpy()
 
-    def plot(self, path: Union[str, Path], voxel: Optional[Sequence[int]] = None, height: int = 256) -> Path:
+    def plot(self, path: Union[str, Path], voxel: Optional[Sequence[int]] = None) -> Path:
         """PNG of the three planes through `voxel` (default the first click): the volume with the mask tinted red
         and the click in green (top), the similarity (bottom). Planes are drawn transposed, origin lower left."""
         import matplotlib
@@ -102,7 +102,7 @@ class VolumeSegmentation:
         import matplotlib.pyplot as plt
 
         v = tuple(voxel if voxel is not None else self.voxels[0])
-        fig, axes = plt.subplots(2, 3, figsize=(9, 6), dpi=max(60, height // 3))
+        fig, axes = plt.subplots(2, 3, figsize=(9, 6), dpi=90)
         for a in AXES:
             grey, mask, sim = (np.take(arr, v[a], axis=a).T for arr in (self.volume, self.mask, self.similarity))
             rgb = np.repeat(grey[..., None], 3, -1)
