@@ -100,3 +100,29 @@ def test_bad_boxes_refused(box, match):
     maps = vk.attention(model, torch.randn(1, 3, 32, 32), layers=[0])
     with pytest.raises(ValueError, match=match):
         maps.region_attention(box)
+
+
+def test_after_token_merging_each_patch_takes_its_token_row():
+    """ToMe merges tokens: a patch's query row is its token's; the region map is the mean of its patches' rows
+    (each read through `query_rows(('patch', r, c))`, another path through the source map)."""
+    model = make_variant("registers")
+    vk.accelerate(model, "tome", r=6)
+    x = torch.randn(2, 3, 32, 32)
+    la = vk.attention(model, x, layers=[5])[5]
+    assert la.source is not None and la.attn.shape[-1] < 5 + 64
+    box = (4, 8, 16, 20)  # rows 2..4, columns 1..3
+    rows = [la.to_grid(la.query_rows(la.attn, ("patch", r, c))) for r in range(2, 5) for c in range(1, 4)]
+    assert torch.allclose(la.region_attention(box), torch.stack(rows).mean(0), atol=1e-6)
+
+
+def test_with_gradient_checkpointing():
+    model = make_variant("qk_norm")
+    x = torch.randn(1, 3, 32, 32)
+    ref = vk.attention(model, x, layers=[2]).region_attention((0, 0, 8, 8))
+    model.set_grad_checkpointing(True)
+    model.train()  # no dropout in the tiny variants: training mode only turns timm's checkpointing on
+    maps = vk.attention(model, x, layers=[2], grad=True)
+    got = maps.region_attention((0, 0, 8, 8))
+    assert torch.allclose(got, ref, atol=1e-6)
+    got.sum().backward()  # gradients flow to the weights through the recomputed attention
+    assert model.blocks[2].attn.qkv.weight.grad is not None
