@@ -1,4 +1,5 @@
-"""`vitkit explain`, `vitkit segment` and `vitkit segment-volume`: heatmaps and prompt-point masks as PNG (+ the raw arrays as .npy).
+"""`vitkit explain` and `vitkit segment`: heatmaps and prompt-point masks as PNG (+ the raw arrays as .npy);
+`vitkit segment-volume`: 3-D masks from clicked voxels (PNG of three planes + .npy).
 
     vitkit explain cat.jpg --model best_vit.pth --model-arg num_heads=4 --mean 0.5 --std 0.5 --method rollout \
         --out heat.png            # attention | rollout | grad_rollout | gradcam
@@ -120,7 +121,7 @@ def _run_segment_volume(args: argparse.Namespace) -> None:
 
 
 def add_commands(subparsers) -> None:
-    """Add `explain` and `segment` to the `vitkit` command line."""
+    """Add `explain`, `segment` and `segment-volume` to the `vitkit` command line."""
     p = subparsers.add_parser("explain", help="attention / rollout / Grad-CAM heatmap of an image (PNG + .npy)")
     _common(p)
     p.add_argument("--method", choices=METHODS, default="rollout", help="explanation method")

@@ -35,13 +35,17 @@ Features = Callable[[torch.Tensor], torch.Tensor]
 FEATURES = ("x", "q", "k", "v")
 
 
-def patch_features(model: nn.Module, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """(B, C, gh, gw) patch tokens of block `layer` after the final norm (prefix and prompts dropped)."""
+def _block_index(model: nn.Module, layer: int) -> int:
     depth = len(model.blocks)
     if not -depth <= layer < depth:
         raise ValueError(f"segment: `layer` {layer} out of range for a model with {depth} blocks")
+    return layer % depth
+
+
+def patch_features(model: nn.Module, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """(B, C, gh, gw) patch tokens of block `layer` after the final norm (prefix and prompts dropped)."""
     with torch.no_grad():
-        return model.forward_intermediates(x, indices=[layer % depth], norm=True, output_fmt="NCHW",
+        return model.forward_intermediates(x, indices=[_block_index(model, layer)], norm=True, output_fmt="NCHW",
                                            intermediates_only=True)[0]
 
 
@@ -57,14 +61,12 @@ def token_features(model: nn.Module, x: torch.Tensor, layer: int = -1, feature: 
     check_feature(feature)
     if feature == "x":
         return patch_features(model, x, layer)
-    from .attention import capture, select
+    from .attention import capture
 
-    depth = len(model.blocks)
-    if not -depth <= layer < depth:
-        raise ValueError(f"segment: `layer` {layer} out of range for a model with {depth} blocks")
-    with torch.no_grad(), capture(model, [layer], tokens=True, softmax=False) as maps:
+    i = _block_index(model, layer)
+    with torch.no_grad(), capture(model, [i], tokens=True, softmax=False) as maps:
         model.forward_features(x)
-    return select(maps, layer).patch_tokens(feature)
+    return maps[i].patch_tokens(feature)
 
 
 def similarity(feats: torch.Tensor, patch: Union[int, torch.Tensor]) -> torch.Tensor:
