@@ -2,6 +2,7 @@
 model's weights (spec E5: the choice of tokens the similarity uses), on register / no-class-token / qk-norm models."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -86,3 +87,21 @@ def test_bad_feature_and_both_extractors_refused():
         vk.segment(model, x, point=(1, 1), feature="keys")
     with pytest.raises(ValueError, match="either `features`"):
         vk.segment(model, x, point=(1, 1), feature="k", features=lambda t: F.avg_pool2d(t, 4))
+
+
+def test_similarity_overlap_on_keys_matches_hand_computed_keys():
+    model = make_variant("reg_no_cls")
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 32, 32)
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[:, :, 16:] = 1  # two objects: left and right halves
+    got = vk.similarity_overlap(model, x, labels, layer=LAYER, feature="k")
+    with torch.no_grad():
+        f = torch.stack([F.normalize(tokens_by_hand(model, x[b:b + 1], LAYER, "k")[4:], dim=-1) for b in range(2)])
+    cos = f @ f.transpose(1, 2)  # (2, 64, 64)
+    side = (torch.arange(64) % 8 >= 4)
+    iu = torch.triu_indices(64, 64, 1)
+    same = side[iu[0]] == side[iu[1]]
+    pairs = cos[:, iu[0], iu[1]]
+    assert np.allclose(np.sort(got.intra), np.sort(pairs[:, same].flatten().numpy()), atol=1e-5)
+    assert np.allclose(np.sort(got.inter), np.sort(pairs[:, ~same].flatten().numpy()), atol=1e-5)

@@ -225,13 +225,14 @@ class SegmentationScores:
 
 def evaluate_segmentation(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, points: Sequence[tuple[int, int]],
                           layer: int = -1, thresholds: Optional[np.ndarray] = None,
-                          features: Optional[Features] = None) -> SegmentationScores:
+                          features: Optional[Features] = None, feature: str = "x") -> SegmentationScores:
     """mIoU of `segment`'s protocol on normalised images `x` (B, C, H, W) with boolean object `masks` (B, H, W)
-    and one prompt pixel (x, y) per image, for every threshold in `thresholds` (default 0, 0.05, ..., 1)."""
+    and one prompt pixel (x, y) per image, for every threshold in `thresholds` (default 0, 0.05, ..., 1);
+    `feature` as in `segment`."""
     thresholds = np.round(np.linspace(0, 1, 21), 4) if thresholds is None else np.asarray(thresholds)
     H, W = x.shape[-2:]
     ph, pw = token_layout(model).patch_size
-    feats = features(x) if features is not None else patch_features(model, x, layer)
+    feats = features(x) if features is not None else token_features(model, x, layer, feature)
     gw = feats.shape[-1]
     idx = torch.tensor([int(py // ph) * gw + int(px // pw) for px, py in points])
     sims = upsample(similarity(feats, idx), (H, W)).cpu().numpy()
@@ -292,7 +293,7 @@ def overlap_scores(intra: np.ndarray, inter: np.ndarray, bins: int = 50) -> Over
 
 def similarity_overlap(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, layer: int = -1,
                        bins: int = 50, plot: Union[None, str, Path] = None, ignore_index: int = -1,
-                       features: Optional[Features] = None) -> Overlap:
+                       features: Optional[Features] = None, feature: str = "x") -> Overlap:
     """Intra- vs inter-object cosine similarity of patch tokens over a set of images.
 
     Args:
@@ -300,8 +301,9 @@ def similarity_overlap(model: nn.Module, images: torch.Tensor, masks: torch.Tens
         masks: (B, H, W) integer object labels (each patch takes its majority label; `ignore_index` skipped).
             Pairs are formed within each image.
         plot: write the histogram plot there (PNG).
+        feature: the block's tokens compared, as in `segment` ('x', 'q', 'k', 'v').
     """
-    feats = features(images) if features is not None else patch_features(model, images, layer)
+    feats = features(images) if features is not None else token_features(model, images, layer, feature)
     labels = patch_labels(masks.long(), tuple(feats.shape[-2:])).flatten(1)
     f = F.normalize(feats.flatten(2), dim=1)
     intra, inter = [], []
