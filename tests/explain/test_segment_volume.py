@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import vitkit as vk
 from vitkit.cli import main
+from vitkit.explain import volume_algo as algo
 from vitkit.explain.volume import volume_features
 
 from conftest import make_variant
@@ -69,6 +70,11 @@ def test_feature_volume_equals_hand_built_one():
     assert err <= 1e-4, f"feature volume vs hand-built keys differ by {err:.2e}"
 
 
+def test_middle_axis_gets_the_patches():
+    assert algo.feature_grid((33, 41, 25), 64) == (64, 80, 48)  # anatomical.nii's shape, the paper's 64
+    assert algo.feature_grid((100, 10, 40), 8) == (20, 2, 8)
+
+
 def test_click_on_grid_point_and_uint8_transfer_function():
     model = make_variant("qk_norm", dynamic_img_size=True)
     vol = np.random.default_rng(0).random((9, 9, 9)).astype(np.float32)
@@ -89,6 +95,8 @@ def test_bad_input_refused():
         vk.segment_volume(model, vol, (1, 1, 1), patches=4, progress=False)  # 16 px slices, a 32 px model
     with pytest.raises(ValueError, match="outside the volume"):
         vk.segment_volume(model, vol, (8, 1, 1), patches=8, progress=False)
+    with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+        vk.segment_volume(model, vol, (1, 1, 1), batch_size=0, progress=False)
     with pytest.raises(ValueError, match="3-D volume"):
         vk.segment_volume(model, vol[0], (1, 1, 1), progress=False)
     vol[0, 0, 0] = np.nan

@@ -209,8 +209,9 @@ def segment_volume(model: nn.Module, volume: VolumeLike, voxel, *, patches: int 
     check_feature(feature)
     vol = torch.from_numpy(load_volume(volume))
     clicks = _voxels(voxel, vol.shape)
-    if not isinstance(patches, int) or patches < 1:
-        raise ValueError(f"segment_volume: `patches` must be a positive int, got {patches!r}")
+    for name, value in (("patches", patches), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"segment_volume: `{name}` must be a positive int, got {value!r}")
     if not axes or any(a not in AXES for a in axes) or len(set(axes)) != len(axes):
         raise ValueError(f"segment_volume: `axes` must be distinct axes among 0, 1, 2, got {tuple(axes)!r}")
     if not 0 <= floor < 1:
