@@ -137,11 +137,16 @@ class VolumeSegmentation:
 
 
 def _voxels(voxel, shape) -> list[tuple[int, int, int]]:
-    many = len(voxel) > 0 and isinstance(voxel[0], (tuple, list, np.ndarray))
+    """One click (z, y, x) or a sequence of clicks -> a list of int triples inside `shape`."""
+    many = isinstance(voxel, (tuple, list, np.ndarray)) and len(voxel) > 0 and isinstance(
+        voxel[0], (tuple, list, np.ndarray))
     out = []
     for v in (voxel if many else [voxel]):
-        if len(v) != 3 or any(int(c) != c for c in v):
-            raise ValueError(f"segment_volume: a voxel is three integer indices (z, y, x), got {tuple(v)!r}")
+        ok = isinstance(v, (tuple, list, np.ndarray)) and len(v) == 3 and all(
+            isinstance(c, (int, np.integer)) or (isinstance(c, (float, np.floating)) and float(c).is_integer())
+            for c in v)
+        if not ok:
+            raise ValueError(f"segment_volume: a voxel is three integer indices (z, y, x), got {v!r}")
         if not all(0 <= int(c) < n for c, n in zip(v, shape)):
             raise ValueError(f"segment_volume: voxel {tuple(v)} lies outside the volume of shape {tuple(shape)}")
         out.append(tuple(int(c) for c in v))
