@@ -96,6 +96,7 @@ from . import data  # vk.data: datasets, transforms, splits
 from .train import evaluate, fit
 from . import assets as _assets  # registers embedded checkpoints
 from .explain import attention, explain, segment, similarity_overlap  # vk.explain & co.
+from .explain import segment_volume  # vk.segment_volume: 3-D masks from patch similarity
 from .bench import bench  # vk.bench: backbones x methods x protocols
 from . import robust  # vk.robust: the attack registry, AttackResult, pixel_transform
 from .robust import attack  # vk.attack: pgd, fgsm, ...
@@ -142,6 +143,7 @@ def augment(model, name: str, **config):
 __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "applied", "apply", "adapt",
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
            "attention", "explain", "segment", "similarity_overlap", "bench",
+           "segment_volume",
            "robust", "attack", "audit", "distill", "pretrain", "augment"]
 
 for _name in __all__:  # verbs whose subpackage was imported while this file ran (explain, bench, info, ...)

@@ -55,7 +55,7 @@ class LayerAttention:
     """
 
     index: int
-    attn: torch.Tensor
+    attn: Optional[torch.Tensor]  # None with `capture(..., softmax=False)`
     layout: TokenLayout
     grid: tuple[int, int]
     num_prompts: int = 0
@@ -63,6 +63,8 @@ class LayerAttention:
     sizes: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None  # (B, h, N, d) values, kept with `capture(..., values=True)`
     out: Optional[torch.Tensor] = None  # (B, N, h*d) attention output A·V (SDPA's), with `values=True`
+    q: Optional[torch.Tensor] = None  # (B, h, N, d) queries after `q_norm` (what SDPA sees), with `tokens=True`
+    k: Optional[torch.Tensor] = None  # (B, h, N, d) keys after `k_norm`, with `tokens=True`
 
     def attn_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
         """∂y/∂A (B, h, N, N) from ∂y/∂(A·V) (B, N, h*d): since the SDPA output is O = A·V (eval mode),
@@ -139,16 +141,17 @@ class LayerAttention:
         w = w.view(w.shape[0], *([1] * (rows.ndim - 3)), w.shape[1], 1)
         return (rows * w).sum(-2) / w.sum(-2)
 
-    def to_grid(self, values: torch.Tensor) -> torch.Tensor:
+    def to_grid(self, values: torch.Tensor, share: bool = True) -> torch.Tensor:
         """Key-side values (B, ..., N) -> patch map (B, ..., gh, gw); prefix and prompt columns dropped.
 
         After token reduction a merged token's value is shared equally by the patches it stands for (divided
-        by its size), so a map's total mass over patches is preserved.
+        by its size), so a map's total mass over patches is preserved; `share=False` copies it to each of its
+        patches instead (features).
         """
         gh, gw = self.grid
         v = values[..., self.num_prefix_tokens:]
         if self.source is not None:
-            if self.sizes is not None:
+            if self.sizes is not None and share:
                 v = v / self.sizes[:, self.num_prefix_tokens:, 0].to(v.dtype).view(
                     v.shape[0], *([1] * (v.ndim - 2)), -1)
             rel = self.source - self.num_prefix_tokens  # negative: the patch's token was dropped (-1)
@@ -165,6 +168,25 @@ class LayerAttention:
         """(B, gh, gw) attention from `query` to every patch (heads fused by `head`)."""
         return self.to_grid(self.query_rows(self.heads(head), query))
 
+    def patch_tokens(self, which: str) -> torch.Tensor:
+        """(B, h*d, gh, gw) queries, keys or values (`which` = 'q', 'k', 'v'; heads concatenated) of the patches,
+        prefix and prompt tokens dropped; a merged token's vector is copied to each of its patches. Needs
+        `capture(..., tokens=True)`."""
+        t = getattr(self, which)
+        if t is None:
+            raise ValueError(f"attention: block {self.index} kept no {which!r} tokens; capture with tokens=True")
+        return self.to_grid(t.transpose(1, 2).flatten(2).transpose(1, 2), share=False)
+
+    def region_attention(self, region, score: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, h, gh, gw) attention from a region of patches to every patch, per head (ViTGaze's taps).
+
+        `region`: a box (x0, y0, x1, y1) in input pixels or patch weights (gh, gw) / (B, gh, gw); `score`: optional
+        (B, gh, gw) logits turned into weights by a softmax over the box. See `vitkit.explain.region`.
+        """
+        from .region import region_attention
+
+        return region_attention(self, region, score)
+
 
 class AttentionMaps(dict):
     """`{block index: LayerAttention}` of one forward, plus the forward's `output` (the model's logits)."""
@@ -175,6 +197,12 @@ class AttentionMaps(dict):
     @property
     def layers(self) -> list[int]:
         return sorted(self)
+
+    def region_attention(self, region, score: Optional[torch.Tensor] = None, layers=None) -> torch.Tensor:
+        """(B, |layers|·h, gh, gw) attention from a region to the scene, blocks in order then heads (ViTGaze's
+        M); `layers` default all captured. See `LayerAttention.region_attention`."""
+        idx = self.layers if layers is None else [select(self, i).index for i in layers]
+        return torch.cat([self[i].region_attention(region, score) for i in idx], dim=1)
 
 
 def _resolve_layers(model: nn.Module, layers) -> list[int]:
@@ -218,13 +246,16 @@ def _check_attention(model: nn.Module, i: int, values: bool = False) -> nn.Modul
 
 
 @contextmanager
-def capture(model: nn.Module, layers=None, values: bool = False) -> Iterator[AttentionMaps]:
+def capture(model: nn.Module, layers=None, values: bool = False, tokens: bool = False,
+            softmax: bool = True) -> Iterator[AttentionMaps]:
     """Context manager: forwards run inside it fill the yielded `AttentionMaps` (last forward wins).
 
     Hooks are read-only and removed on exit, also after an exception. Gradients flow through the recomputed
     maps when grad is enabled (q and k are the block's own tensors). `values=True` also keeps each layer's
     values V (from `attn.qkv`) and the attention output A·V (the input of `attn.norm`, an `nn.Identity` unless
-    `scale_norm`), so that `LayerAttention.attn_grad` gives ∂y/∂A under fused attention.
+    `scale_norm`), so that `LayerAttention.attn_grad` gives ∂y/∂A under fused attention. `tokens=True` keeps
+    q, k (after q/k-norm) and V (`LayerAttention.patch_tokens`); `softmax=False` skips the O(h·N²) attention
+    (`attn` is None), for callers that only want the tokens.
     """
     from vitkit.models.runner import has_runner, get_runner, no_checkpointing
 
@@ -255,8 +286,11 @@ def capture(model: nn.Module, layers=None, values: bool = False) -> Iterator[Att
     def on_k(i, attn):
         def hook(module, args, out):
             rec = pending[i]
-            a = _softmax_attention(attn, rec.pop("q"), out, rec["mask"], rec["is_causal"])
-            maps[i] = LayerAttention(i, a, layout, rec["grid"], rec["num_prompts"], rec["source"], rec["sizes"])
+            q = rec.pop("q")
+            a = _softmax_attention(attn, q, out, rec["mask"], rec["is_causal"]) if softmax else None
+            la = maps[i] = LayerAttention(i, a, layout, rec["grid"], rec["num_prompts"], rec["source"], rec["sizes"])
+            if tokens:
+                la.q, la.k, la.v = q, out, rec["v"]
             if not values:
                 pending.pop(i)
         return hook
@@ -283,8 +317,9 @@ def capture(model: nn.Module, layers=None, values: bool = False) -> Iterator[Att
             handles.append(attn.register_forward_pre_hook(pre_attn(i), with_kwargs=True))
             handles.append(attn.q_norm.register_forward_hook(on_q(i)))
             handles.append(attn.k_norm.register_forward_hook(on_k(i, attn)))
-            if values:
+            if values or tokens:
                 handles.append(attn.qkv.register_forward_hook(on_qkv(i, attn)))
+            if values:
                 handles.append(attn.norm.register_forward_pre_hook(on_out(i)))
         with no_checkpointing(model):  # the hooks add autograd ops in the blocks and are gone before any backward
             yield maps

@@ -8,7 +8,9 @@ separate pairs inside one object from pairs across objects (AUROC, and the overl
 the two histograms on fixed bins over [-1, 1]).
 
 *Plugs in at.* Read-only: `model.forward_intermediates(norm=True)` (the block runner's version strips prompts and
-unmerges merged tokens). Any `features(x) -> (B, C, gh, gw)` callable can replace it.
+unmerges merged tokens) for `feature="x"`; the attention's q/k/v taps (`attention.capture(tokens=True)`: q, k after
+q/k-norm, V from `attn.qkv`, heads concatenated) for `feature="q"|"k"|"v"`. Any `features(x) -> (B, C, gh, gw)`
+callable can replace them.
 *Hand-written here, and why:* the protocol has no released code; it is a few tensor operations.
 
 Spec: ../shared/methods/explain.md (E5). Docs: docs/explain.md.
@@ -30,16 +32,41 @@ from vitkit.models.layout import token_layout
 from .image import ImageLike, load_image, mask_overlay, model_transform, prepare, upsample
 
 Features = Callable[[torch.Tensor], torch.Tensor]
+FEATURES = ("x", "q", "k", "v")
+
+
+def _block_index(model: nn.Module, layer: int) -> int:
+    depth = len(model.blocks)
+    if not -depth <= layer < depth:
+        raise ValueError(f"segment: `layer` {layer} out of range for a model with {depth} blocks")
+    return layer % depth
 
 
 def patch_features(model: nn.Module, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
     """(B, C, gh, gw) patch tokens of block `layer` after the final norm (prefix and prompts dropped)."""
-    depth = len(model.blocks)
-    if not -depth <= layer < depth:
-        raise ValueError(f"segment: `layer` {layer} out of range for a model with {depth} blocks")
     with torch.no_grad():
-        return model.forward_intermediates(x, indices=[layer % depth], norm=True, output_fmt="NCHW",
+        return model.forward_intermediates(x, indices=[_block_index(model, layer)], norm=True, output_fmt="NCHW",
                                            intermediates_only=True)[0]
+
+
+def check_feature(feature: str) -> None:
+    if feature not in FEATURES:
+        raise ValueError(f"segment: `feature` must be one of {', '.join(FEATURES)} (block output tokens, queries, "
+                         f"keys, values), got {feature!r}")
+
+
+def token_features(model: nn.Module, x: torch.Tensor, layer: int = -1, feature: str = "x") -> torch.Tensor:
+    """(B, C, gh, gw) patch features of block `layer`: its output tokens after the final norm (`feature="x"`), or
+    the attention's queries / keys (after q/k-norm, what SDPA sees) / values, heads concatenated (C = h·d)."""
+    check_feature(feature)
+    if feature == "x":
+        return patch_features(model, x, layer)
+    from .attention import capture
+
+    i = _block_index(model, layer)
+    with torch.no_grad(), capture(model, [i], tokens=True, softmax=False) as maps:
+        model.forward_features(x)
+    return maps[i].patch_tokens(feature)
 
 
 def similarity(feats: torch.Tensor, patch: Union[int, torch.Tensor]) -> torch.Tensor:
@@ -116,7 +143,7 @@ class Segmentation:
 
 
 def segment(model: nn.Module, image: Union[ImageLike, torch.Tensor], point: tuple[float, float], layer: int = -1,
-            threshold: Optional[float] = None, *, size=None, mean=None, std=None,
+            threshold: Optional[float] = None, *, feature: str = "x", size=None, mean=None, std=None,
             features: Optional[Features] = None) -> Segmentation:
     """Zero-shot mask of the object under `point` from patch-token similarity (MMC protocol).
 
@@ -127,10 +154,15 @@ def segment(model: nn.Module, image: Union[ImageLike, torch.Tensor], point: tupl
             data config), or a normalised tensor (C, H, W) / (1, C, H, W).
         point: (x, y) in pixels of the image as given (mapped through the resize and crop to a patch; a point
             the crop cuts away raises `ValueError`).
-        layer: block whose final-normed patch tokens are compared.
+        layer: block whose patch features are compared.
         threshold: mask = similarity >= threshold; Otsu's threshold of the map when None.
-        features: optional `x -> (B, C, gh, gw)` replacing the model's patch tokens.
+        feature: which tokens of block `layer`: 'x' (its output tokens after the final norm), 'q', 'k' or 'v'
+            (the attention's queries and keys after q/k-norm, or values; heads concatenated).
+        features: optional `x -> (B, C, gh, gw)` replacing the model's patch tokens (then `feature` stays 'x').
     """
+    if features is not None and feature != "x":
+        raise ValueError(f"segment: pass either `features` (your own extractor) or `feature`={feature!r}, not both")
+    check_feature(feature)
     if isinstance(image, torch.Tensor):
         x, pil = prepare(model, image)
         orig = (x.shape[-1], x.shape[-2])
@@ -154,7 +186,7 @@ def segment(model: nn.Module, image: Union[ImageLike, torch.Tensor], point: tupl
                          f"{W}x{H}, as in training); click inside the centre, or pass a tensor / a cropped image")
     ph, pw = token_layout(model).patch_size
     r, c = int(point_in[1] // ph), int(point_in[0] // pw)
-    feats = features(x) if features is not None else patch_features(model, x, layer)
+    feats = features(x) if features is not None else token_features(model, x, layer, feature)
     gh, gw = feats.shape[-2:]
     sim = similarity(feats, r * gw + c)
     full = upsample(sim, (H, W))[0].cpu().numpy()
@@ -193,13 +225,14 @@ class SegmentationScores:
 
 def evaluate_segmentation(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, points: Sequence[tuple[int, int]],
                           layer: int = -1, thresholds: Optional[np.ndarray] = None,
-                          features: Optional[Features] = None) -> SegmentationScores:
+                          features: Optional[Features] = None, feature: str = "x") -> SegmentationScores:
     """mIoU of `segment`'s protocol on normalised images `x` (B, C, H, W) with boolean object `masks` (B, H, W)
-    and one prompt pixel (x, y) per image, for every threshold in `thresholds` (default 0, 0.05, ..., 1)."""
+    and one prompt pixel (x, y) per image, for every threshold in `thresholds` (default 0, 0.05, ..., 1);
+    `feature` as in `segment`."""
     thresholds = np.round(np.linspace(0, 1, 21), 4) if thresholds is None else np.asarray(thresholds)
     H, W = x.shape[-2:]
     ph, pw = token_layout(model).patch_size
-    feats = features(x) if features is not None else patch_features(model, x, layer)
+    feats = features(x) if features is not None else token_features(model, x, layer, feature)
     gw = feats.shape[-1]
     idx = torch.tensor([int(py // ph) * gw + int(px // pw) for px, py in points])
     sims = upsample(similarity(feats, idx), (H, W)).cpu().numpy()
@@ -260,7 +293,7 @@ def overlap_scores(intra: np.ndarray, inter: np.ndarray, bins: int = 50) -> Over
 
 def similarity_overlap(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, layer: int = -1,
                        bins: int = 50, plot: Union[None, str, Path] = None, ignore_index: int = -1,
-                       features: Optional[Features] = None) -> Overlap:
+                       features: Optional[Features] = None, feature: str = "x") -> Overlap:
     """Intra- vs inter-object cosine similarity of patch tokens over a set of images.
 
     Args:
@@ -268,8 +301,9 @@ def similarity_overlap(model: nn.Module, images: torch.Tensor, masks: torch.Tens
         masks: (B, H, W) integer object labels (each patch takes its majority label; `ignore_index` skipped).
             Pairs are formed within each image.
         plot: write the histogram plot there (PNG).
+        feature: the block's tokens compared, as in `segment` ('x', 'q', 'k', 'v').
     """
-    feats = features(images) if features is not None else patch_features(model, images, layer)
+    feats = features(images) if features is not None else token_features(model, images, layer, feature)
     labels = patch_labels(masks.long(), tuple(feats.shape[-2:])).flatten(1)
     f = F.normalize(feats.flatten(2), dim=1)
     intra, inter = [], []
