@@ -129,6 +129,13 @@ def test_pareto_rows_and_training_mode_sampling():
         stitched(x[:1])
         seen.add(stitched._exit)
     assert seen == {"a", "b"}  # routes of both exits are sampled in training mode
+    sampled = set()
+    for _ in range(40):
+        with torch.no_grad():
+            stitched(x[:1])
+        sampled.add(stitched._route_taken)
+    assert sampled <= set(stitched.stitches)  # frozen anchors: only stitched routes train
+    assert len(sampled) > 3
 
 
 def test_bad_anchors_and_routes_are_refused():

@@ -68,7 +68,7 @@ class StitchedViT(nn.Module):
         self.route = "a"
         self.bins = bins
         self.flops: dict[str, float] = {}
-        self._exit = "a"
+        self._exit = self._route_taken = "a"  # the last forward's exit anchor and route
         for name, model in self.anchors.items():  # x_name = x_a * scale + shift turns a's normalisation into name's
             mean_a, std_a = self._norm(a)
             mean, std = self._norm(model)
@@ -107,8 +107,12 @@ class StitchedViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor, route: Optional[str] = None) -> torch.Tensor:
         if route is None:
-            route = self.routes[sample_route(self._groups)] if self.training else self.route
-        route = self._check(route)
+            if self.training:
+                candidates = self._trained_routes
+                route = candidates[sample_route(flops_bins([self.flops[r] for r in candidates], self.bins))]
+            else:
+                route = self.route
+        route = self._route_taken = self._check(route)
         if route in ("a", "b"):
             self._exit = route
             return self.anchors[route].forward_features(self._input(x, route))
@@ -130,10 +134,12 @@ class StitchedViT(nn.Module):
         return self.forward_head(self.forward_features(x, route))
 
     @property
-    def _groups(self) -> list[list[int]]:
+    def _trained_routes(self) -> list[str]:
+        """The routes training samples: the stitched ones, and the anchors too when their weights train."""
         if not self.flops:
             raise RuntimeError("stitch: route FLOPs are unknown; build the model with vk.stitch")
-        return flops_bins([self.flops[r] for r in self.routes], self.bins)
+        anchors_train = any(p.requires_grad for p in self.anchors.parameters())
+        return self.routes if anchors_train else list(self.stitches)
 
     @torch.inference_mode()
     def pareto(self, data, batch_size: int = 256, routes: Optional[list[str]] = None) -> list[dict]:
