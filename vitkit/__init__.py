@@ -103,6 +103,8 @@ from .robust import attack  # vk.attack: pgd, fgsm, ...
 from .distill import distill  # vk.distill: teacher -> student (kd, logit-cache, ...)
 from .robust.swarm import audit  # vk.audit: the SWARM switchable-backdoor audit of prompt adapters
 from .pretrain import pretrain  # vk.pretrain: continued self-supervised pre-training (mae, dino, ...)
+from .models.stitch import stitch  # vk.stitch: two pretrained ViTs joined into one model with many routes
+from .train.align import align  # vk.align: a new sensor's encoder aligned to a frozen ViT (InfoNCE)
 
 
 def apply(model, name: str, **config):
@@ -144,7 +146,7 @@ __all__ = ["__version__", "load", "save", "info", "Info", "methods", "Method", "
            "accelerate", "compress", "token_layout", "TokenLayout", "get_runner", "data", "fit", "evaluate",
            "attention", "explain", "segment", "similarity_overlap", "bench",
            "segment_volume",
-           "robust", "attack", "audit", "distill", "pretrain", "augment"]
+           "robust", "attack", "audit", "distill", "pretrain", "augment", "stitch", "align"]
 
 for _name in __all__:  # verbs whose subpackage was imported while this file ran (explain, bench, info, ...)
     _value = globals()[_name]

@@ -103,6 +103,8 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> P
         return save_peft(model, path)
     if format != "vitkit":
         raise ValueError(f"vk.save: `format` must be 'vitkit' or 'peft', got {format!r}")
+    if getattr(model, "vitkit_unsavable", None):
+        raise ValueError(f"vk.save: {model.vitkit_unsavable}")
     from safetensors.torch import save_file
 
     from . import __version__

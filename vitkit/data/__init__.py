@@ -9,9 +9,10 @@
 """
 from .datasets import (DATASETS, ArrayDataset, CorruptImageError, ImageFolder, Subset, VisionDataset, arrays,
                        cifar10_jpeg, digits, get, image_folder, read_image)
+from .crops import Box, classify_crops, detect_crops, lbp_face_detector
 from .splits import few_shot, split
 from .transforms import Prepare, data_config, map_point, transform
 
 __all__ = ["ArrayDataset", "CorruptImageError", "ImageFolder", "Subset", "VisionDataset", "DATASETS", "arrays",
            "cifar10_jpeg", "digits", "get", "image_folder", "read_image", "few_shot", "split", "Prepare",
-           "data_config", "map_point", "transform"]
+           "data_config", "map_point", "transform", "Box", "classify_crops", "detect_crops", "lbp_face_detector"]
