@@ -167,8 +167,9 @@ KEPT = (PatchEmbed, Block, Attention, Mlp, LayerScale, DropPath, PatchDropout, n
         nn.Sequential)
 
 
-def _plan(model: nn.Module, cfg: Config) -> list[tuple[str, nn.Module]]:
-    """(name, replacement) for every module to swap; refuses, naming it, anything the conversion cannot handle."""
+def _plan(model: nn.Module, cfg: Config) -> list[tuple[str, nn.Module | None]]:
+    """(name, replacement) for every module to swap (None: `attn.qkv`, which only loses its bias); refuses,
+    naming it, anything the conversion cannot handle."""
     if not isinstance(model, VisionTransformer):
         raise NotImplementedError(f"bcosify: needs a timm VisionTransformer, got {type(model).__name__}")
     if applied(model):
@@ -188,7 +189,7 @@ def _plan(model: nn.Module, cfg: Config) -> list[tuple[str, nn.Module]]:
                 and m.padding_mode == "zeros":
             plan.append((name, BcosPatchConv(m, cfg.b, cfg.bias)))
         elif leaf == "qkv" and isinstance(m, nn.Linear):
-            plan.append((name, m))  # stays linear; only its bias goes
+            plan.append((name, None))  # stays linear
         elif leaf in ("q_norm", "k_norm") and isinstance(m, (nn.Identity, nn.LayerNorm)):
             plan.append((name, DetachInExplanation() if isinstance(m, nn.Identity)
                          else BcosLayerNorm(m, cfg.bias, detach_output=True)))
@@ -198,7 +199,7 @@ def _plan(model: nn.Module, cfg: Config) -> list[tuple[str, nn.Module]]:
             plan.append((name, BcosLayerNorm(m, cfg.bias)))
         elif leaf == "act" and _gelu_mode(m) is not None:
             plan.append((name, BcosGELU(_gelu_mode(m))))
-        elif isinstance(m, Attention) and m.gate is not None:
+        elif isinstance(m, Attention) and getattr(m, "gate", None) is not None:
             raise NotImplementedError(f"bcosify: {name} has a gated attention output, which has no B-cos "
                                       "conversion here")
         elif name == "" or isinstance(m, KEPT):
@@ -213,9 +214,9 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     plan = _plan(model, cfg)  # all checks before the first change
     with new_modules_follow_mode(model):
         for name, new in plan:
-            if isinstance(new, nn.Linear):  # attn.qkv
+            if new is None:  # attn.qkv
                 if not cfg.bias:
-                    new.register_parameter("bias", None)
+                    model.get_submodule(name).register_parameter("bias", None)
                 continue
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
