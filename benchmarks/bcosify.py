@@ -1,15 +1,16 @@
 """B-cosification of the embedded model: accuracy before / after conversion and after a short fine-tune, and the
 completeness of its contribution maps on real images, measured in one run.
 
-    python benchmarks/bcosify.py [--train-per-class 300] [--epochs 4] [--out runs/bcosify]
+    python benchmarks/bcosify.py [--train-per-class 300] [--epochs 4] [--out runs/bcosify] [--reuse]
 
 CIFAR-10 JPEGs (../shared/data/cifar10-test-jpeg/test), the embedded model's own split: fine-tuned on the first
 `train-per-class` images of each class (a subset of the 800 per class it was trained on), evaluated on the last
 200 per class (2,000 images, never trained on). Fine-tuning: `vk.fit` with bcosify's own lr (1e-3, AdamW with
 weight decay 0, i.e. Adam), batch 64, one warmup epoch then cosine, seed 0. Completeness: for the first
-`--explain` evaluation images, |Σ contributions + constant tokens + log(1/(C−1)) − logit| relative to the logit,
-and the share of the logit (minus the constant bias) carried by the input-independent tokens. Writes the
-B-cosified model with `vk.save` to OUT/model (for `vitkit explain ... --method bcos`) and results.json.
+`--explain` evaluation images, |Σ contributions + constant tokens + log(1/(C−1)) − logit| (absolute, relative to
+max(1, |logit|) and to |logit|), and the share of the logit (minus the constant bias) carried by the
+input-independent tokens. Writes the B-cosified model with `vk.save` to OUT/model (for `vitkit explain ...
+--method bcos`) and results.json; `--reuse` loads OUT/model instead of converting and fine-tuning again.
 """
 from __future__ import annotations
 
@@ -30,21 +31,44 @@ def top1(model, data) -> float:
     return vk.evaluate(model, data, "finetuned", batch_size=250)["top1"]
 
 
+def completeness(model, test, n: int) -> tuple[dict, str]:
+    """Completeness of the contribution maps of the first `n` images of `test` (their predicted class)."""
+    x = torch.stack([test[i][0] for i in range(n)])
+    e = vk.explain(model, x, method="bcos")
+    err = (e.contributions.flatten(1).sum(1) + e.constant + e.logit_bias - e.logit).abs()
+    out = {"completeness_max_abs_error": err.max().item(),
+           "completeness_max_rel_error": (err / e.logit.abs().clamp_min(1)).max().item(),
+           "completeness_max_rel_error_to_logit": (err / e.logit.abs()).max().item(),
+           "smallest_abs_logit": e.logit.abs().min().item(),
+           "constant_share_median": (e.constant.abs() / (e.logit - e.logit_bias).abs()).median().item()}
+    line = (f"completeness on {n} images: max |error| {out['completeness_max_abs_error']:.2e}, relative to "
+            f"max(1, |logit|) {out['completeness_max_rel_error']:.2e}, to |logit| "
+            f"{out['completeness_max_rel_error_to_logit']:.2e} (smallest |logit| {out['smallest_abs_logit']:.4f}); "
+            f"input-independent tokens carry a median {100 * out['constant_share_median']:.1f} % of "
+            "|logit - log(1/(C-1))|")
+    return out, line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-per-class", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--explain", type=int, default=50, help="evaluation images checked for completeness")
     parser.add_argument("--out", default="runs/bcosify")
+    parser.add_argument("--reuse", action="store_true", help="load OUT/model (an earlier run's) and only measure "
+                        "completeness")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
 
-    model = vk.load(NAME).eval()
+    model = vk.load(out / "model" if args.reuse else NAME).eval()
     tf = vk.data.transform(model)
     parts = vk.data.split(vk.data.cifar10_jpeg(CIFAR), seed=None, train=800, test=200)
     per_class = vk.data.split(parts["train"], seed=None, train=args.train_per_class)["train"]
     train, test = per_class.with_transform(tf), parts["test"].with_transform(tf)
+    if args.reuse:
+        print(completeness(model, test, args.explain)[1])
+        return
     results = {"train_images": len(train), "test_images": len(test), "epochs": args.epochs}
 
     results["original"] = top1(model, test)
@@ -59,13 +83,8 @@ def main() -> None:
     results["fine_tuned"] = top1(model, test)
     vk.save(model, out / "model")
 
-    x = torch.stack([test[i][0] for i in range(args.explain)])
-    e = vk.explain(model, x, method="bcos")
-    total = e.contributions.flatten(1).sum(1) + e.constant + e.logit_bias
-    rel = ((total - e.logit).abs() / e.logit.abs().clamp_min(1e-12)).max().item()
-    share = (e.constant.abs() / (e.logit - e.logit_bias).abs()).median().item()
-    results.update(completeness_max_rel_error=rel, constant_share_median=share,
-                   seconds=round(time.perf_counter() - start, 1))
+    measured, line = completeness(model, test, args.explain)
+    results.update(measured, seconds=round(time.perf_counter() - start, 1))
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
     print(f"| model | top-1 on {len(test)} held-out CIFAR JPEGs |\n|---|---|")
@@ -74,8 +93,7 @@ def main() -> None:
     print(f"| B-cosified + {args.epochs} epochs on {len(train)} images (lr {results['lr']:g}) | "
           f"{results['fine_tuned']:.4f} |")
     print(f"per-epoch held-out top-1: {results['fine_tuned_per_epoch']}")
-    print(f"completeness on {args.explain} images: max relative error {rel:.2e}; input-independent tokens carry "
-          f"a median {100 * share:.1f} % of |logit - log(1/(C-1))|")
+    print(line)
     print(f"{results['seconds']:.0f} s; model saved to {out / 'model'}")
 
 
