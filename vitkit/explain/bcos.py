@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from vitkit.models.layout import token_layout
 from vitkit.models.runner import no_checkpointing
 
-from .image import normalise_max
 from .maps import Explanation
 
 CONSTANT_TOKENS = ("cls_token", "reg_token", "dist_token", "pos_embed")
@@ -33,8 +32,9 @@ CONSTANT_TOKENS = ("cls_token", "reg_token", "dist_token", "pos_embed")
 
 @dataclass
 class BcosExplanation(Explanation):
-    """An `Explanation` (heatmap: the positive contributions divided by their maximum; patch_map: the
-    contributions summed over each patch) with the exact decomposition of the explained logit.
+    """An `Explanation` (heatmap: the positive contributions divided by their 99.5th percentile and clipped at
+    1, so that a few pixels do not take the whole colour scale; patch_map: the contributions summed over each
+    patch) with the exact decomposition of the explained logit.
 
     Attributes:
         contributions: (B, H, W) signed contribution of every pixel, x̃ ⊙ ∂y_c/∂x̃ summed over the channels.
@@ -89,9 +89,16 @@ def bcos_explain(model: nn.Module, x: torch.Tensor, target=None, image=None) -> 
     contributions = torch.cat(maps)
     logits = torch.cat(logits)
     logit = logits.gather(1, torch.tensor(ids, device=logits.device).view(-1, 1))[:, 0]
-    return BcosExplanation("bcos", normalise_max(contributions.clamp_min(0)), _patch_sums(model, contributions),
+    return BcosExplanation("bcos", _display(contributions), _patch_sums(model, contributions),
                            ids, image, logits, contributions=contributions, constant=torch.stack(consts),
                            logit_bias=logit_bias, logit=logit)
+
+
+def _display(contributions: torch.Tensor, q: float = 0.995) -> torch.Tensor:
+    """(B, H, W) positive contributions / their `q`-quantile, clipped to [0, 1]."""
+    pos = contributions.clamp_min(0)
+    scale = torch.quantile(pos.flatten(1).float(), q, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return (pos / scale.view(-1, 1, 1).to(pos.dtype)).clamp(max=1)
 
 
 def _patch_sums(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
