@@ -15,7 +15,8 @@ input-independent tokens. Writes the B-cosified model with `vk.save` to OUT/mode
 `--pointing N` (with `--reuse`) plays the grid pointing game on N 2×2 mosaics (64 px) of held-out images of four
 different classes, each classified correctly by both models on its own: for each quadrant's class, the share
 of the positive attribution that falls in that quadrant (0.25 = no localisation), for the B-cosified model's
-contribution map and for Grad-CAM on the original embedded model (both at 64 px, `dynamic_img_size=True`).
+contribution map and for Grad-CAM on the original embedded model (both at 64 px, `dynamic_img_size=True`;
+`--tile 16` shrinks each image to 16 px, so the mosaic has the models' own 32 px input size).
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def completeness(model, test, n: int) -> tuple[dict, str]:
     return out, line
 
 
-def pointing_game(saved: Path, test, n: int) -> str:
+def pointing_game(saved: Path, test, n: int, tile: int = 32) -> str:
     """Grid pointing game on `n` 2×2 mosaics: B-cos contributions vs Grad-CAM on the original model."""
     import numpy as np
+    from PIL import Image
 
     from vitkit.explain import scenes
 
@@ -71,7 +73,8 @@ def pointing_game(saved: Path, test, n: int) -> str:
         cs = [(m + j) % 10 for j in range(4)]
         chosen += [pools[c][m // 10 * 4 + j] for j, c in enumerate(cs)]
         classes.append(cs)
-    images, quadrants, _ = scenes.mosaics([np.asarray(test.raw(i).convert("RGB").resize((32, 32))) for i in chosen])
+    tiles = [np.asarray(test.raw(i).convert("RGB").resize((tile, tile), Image.BILINEAR)) for i in chosen]
+    images, quadrants, _ = scenes.mosaics(tiles)
     x = scenes.to_tensor(images)  # the embedded model's mean = std = 0.5
     scores = {"bcos": [], "gradcam": []}
     for b in range(len(images)):
@@ -84,7 +87,7 @@ def pointing_game(saved: Path, test, n: int) -> str:
     rows = [f"| {name} | {np.mean(v):.3f} ± {np.std(v):.3f} | {np.mean(np.array(v) > 0.25):.3f} |"
             for name, v in (("B-cosified + fine-tuned, bcos contributions", scores["bcos"]),
                             ("original, Grad-CAM", scores["gradcam"]))]
-    return "\n".join([f"grid pointing game, {len(images)} mosaics x 4 quadrants (chance 0.25):",
+    return "\n".join([f"grid pointing game, {len(images)} mosaics of {tile}-px tiles x 4 quadrants (chance 0.25):",
                       "| explanation | share in the right quadrant (mean ± std) | fraction above 0.25 |",
                       "|---|---|---|", *rows])
 
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="load OUT/model (an earlier run's) and only measure "
                         "completeness")
     parser.add_argument("--pointing", type=int, default=0, help="with --reuse: mosaics for the grid pointing game")
+    parser.add_argument("--tile", type=int, default=32, help="pointing game: pixels per mosaic tile")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
@@ -110,7 +114,7 @@ def main() -> None:
     if args.reuse:
         print(completeness(model, test, args.explain)[1], flush=True)
         if args.pointing:
-            print(pointing_game(out / "model", parts["test"], args.pointing))
+            print(pointing_game(out / "model", parts["test"], args.pointing, args.tile))
         return
     results = {"train_images": len(train), "test_images": len(test), "epochs": args.epochs}
 
