@@ -35,7 +35,7 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
+from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, PatchDropout, PatchEmbed
 from timm.layers.activations import GELU, GELUTanh
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
@@ -47,6 +47,7 @@ from ._common import new_modules_follow_mode
 
 _EXPLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("vitkit_bcos_explain", default=False)
 POOLS = ("token", "avg")
+NORMS = (nn.LayerNorm, LayerNorm)  # over the last dim (not timm's channels-first LayerNorm2d, a subclass)
 
 
 @dataclass(frozen=True)
@@ -190,12 +191,12 @@ def _plan(model: nn.Module, cfg: Config) -> list[tuple[str, nn.Module | None]]:
             plan.append((name, BcosPatchConv(m, cfg.b, cfg.bias)))
         elif leaf == "qkv" and isinstance(m, nn.Linear):
             plan.append((name, None))  # stays linear
-        elif leaf in ("q_norm", "k_norm") and isinstance(m, (nn.Identity, nn.LayerNorm)):
+        elif leaf in ("q_norm", "k_norm") and (isinstance(m, nn.Identity) or type(m) in NORMS):
             plan.append((name, DetachInExplanation() if isinstance(m, nn.Identity)
                          else BcosLayerNorm(m, cfg.bias, detach_output=True)))
         elif isinstance(m, nn.Linear):
             plan.append((name, BcosLinear(m, cfg.b, cfg.bias, logit_bias if leaf.startswith("head") else 0.0)))
-        elif isinstance(m, nn.LayerNorm):
+        elif type(m) in NORMS:
             plan.append((name, BcosLayerNorm(m, cfg.bias)))
         elif leaf == "act" and _gelu_mode(m) is not None:
             plan.append((name, BcosGELU(_gelu_mode(m))))
