@@ -142,25 +142,25 @@ def test_forward_equals_oracle(name, x):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_contributions_are_complete_and_match_oracle(name, x):
     orig, model = converted(name)
-    e = vk.explain(model, x, method="bcos", target=3)
-    assert e.target == [3, 3] and e.logit_bias == pytest.approx(math.log(1 / 9))
+    e = vk.explain(model, x, method="bcos")  # each image's predicted class
+    assert e.logit_bias == pytest.approx(math.log(1 / 9))
     total = e.contributions.flatten(1).sum(1) + e.constant + e.logit_bias
     err = ((total - e.logit).abs() / e.logit.abs().clamp_min(1)).max().item()
     assert err <= 1e-4, f"completeness: relative error {err:.2e} > 1e-4"
-    torch.testing.assert_close(e.logit, model(x)[:, 3].detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(e.logit, model(x).detach().amax(-1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(e.patch_map.flatten(1).sum(1), e.contributions.flatten(1).sum(1), atol=1e-5,
                                rtol=1e-5)
     # oracle: x̃ ⊙ ∂y/∂x̃ over the 6 encoded channels, and ⟨t, ∂y/∂t⟩ over the constant tokens, per image
     for i in range(2):
         x6 = encode(x[i:i + 1]).requires_grad_(True)
         consts = {}
-        y = oracle(orig, x6, detach=True, consts=consts)[0, 3]
+        y = oracle(orig, x6, detach=True, consts=consts)[0, e.target[i]]
         grads = torch.autograd.grad(y, [x6, *consts.values()])
-        torch.testing.assert_close(e.contributions[i], (x6 * grads[0]).sum(1)[0].detach(), atol=1e-5, rtol=1e-4)
+        want = (x6 * grads[0]).sum(1)[0].detach()
+        torch.testing.assert_close(e.contributions[i], want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
         want_const = sum((t * g).sum() for t, g in zip(consts.values(), grads[1:]))
         torch.testing.assert_close(e.constant[i], want_const.detach(), atol=1e-5, rtol=1e-4)
-    assert (e.contributions.flatten(1).sum(1) - e.logit).abs().min() > 1e-3 or name.endswith("avg") or \
-        "no_cls" in name, "with prefix tokens, the pixels alone should not sum to the logit"
+    assert e.constant.abs().max() > 1e-3, f"degenerate check: the constant tokens carry only {e.constant.tolist()}"
 
 
 def test_gradient_times_input_without_explanation_mode_is_not_complete(x):
