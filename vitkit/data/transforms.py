@@ -34,7 +34,8 @@ def data_config(model: nn.Module, **overrides: Any) -> dict:
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)  # the default size also of a `dynamic_img_size` model
     if img_size is not None:
-        chans = next(m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels  # SSF may wrap proj
+        chans = next(m for m in patch_embed.modules()  # SSF may wrap proj, bcosify replace it (in_channels: 3)
+                     if isinstance(m, nn.Conv2d) or hasattr(m, "in_channels")).in_channels
         size = (chans, *img_size)
         if tuple(cfg["input_size"]) != size:  # the pretrained_cfg describes another input size: ignore its crop
             _log.debug("data config: input size %s from the model (pretrained_cfg said %s)", size, cfg["input_size"])

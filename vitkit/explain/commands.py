@@ -2,7 +2,7 @@
 `vitkit segment-volume`: 3-D masks from clicked voxels (PNG of three planes + .npy).
 
     vitkit explain cat.jpg --model best_vit.pth --model-arg num_heads=4 --mean 0.5 --std 0.5 --method rollout \
-        --out heat.png            # attention | rollout | grad_rollout | gradcam
+        --out heat.png            # attention | rollout | grad_rollout | gradcam | bcos (a B-cosified model)
     vitkit segment cat.jpg --model best_vit.pth --model-arg num_heads=4 --mean 0.5 --std 0.5 --point 16,12
     vitkit segment-volume anatomical.nii --model vitkit/vit-tiny-cifar --model-arg dynamic_img_size=true \
         --voxel 16,22,12 --patches 16
@@ -76,6 +76,9 @@ def _run_explain(args: argparse.Namespace) -> None:
         result["target"] = e.target[0]
     if e.logits is not None:
         result["predicted"] = int(e.logits[0].argmax())
+    if getattr(e, "constant", None) is not None:  # bcos: the explained logit = pixels + constant tokens + bias
+        result.update(logit=round(float(e.logit[0]), 5), pixels=round(float(e.contributions[0].sum()), 5),
+                      tokens=round(float(e.constant[0]), 5), logit_bias=round(e.logit_bias, 5))
     print(json.dumps(result))
 
 
@@ -125,7 +128,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("explain", help="attention / rollout / Grad-CAM heatmap of an image (PNG + .npy)")
     _common(p)
     p.add_argument("--method", choices=METHODS, default="rollout", help="explanation method")
-    p.add_argument("--target", type=int, help="class to explain (gradcam; default the prediction)")
+    p.add_argument("--target", type=int, help="class to explain (gradcam, grad_rollout, bcos; default the prediction)")
     p.add_argument("--head", default="mean", help="attention: 'mean', 'max', 'min' or a head index")
     p.add_argument("--head-fusion", choices=("mean", "max", "min"), default="mean", help="rollout head fusion")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: lowest attention fraction set to 0")

@@ -24,7 +24,7 @@ from .attention import LayerAttention, attention, select
 from .image import ImageLike, normalise_max, overlay, prepare, upsample
 
 _log = logging.getLogger("vitkit")
-METHODS = ("attention", "rollout", "grad_rollout", "gradcam")
+METHODS = ("attention", "rollout", "grad_rollout", "gradcam", "bcos")
 
 
 @dataclass
@@ -134,8 +134,9 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         method: 'attention' (one layer's attention from `query` to the patches, heads fused by `head`),
             'rollout' (Abnar & Zuidema 2020; `head_fusion`, `discard_ratio`), 'grad_rollout' (each layer's
             attention weighted by the positive part of ∂y_target/∂A before the head fusion) or 'gradcam'
-            (pytorch-grad-cam on `blocks[layer].norm1`).
-        target: class index (gradcam, grad_rollout; `ValueError` outside 0..num_classes-1); default the
+            (pytorch-grad-cam on `blocks[layer].norm1`) or 'bcos' (a B-cosified model's exact contribution map,
+            returned as a `BcosExplanation`: `vitkit/explain/bcos.py`).
+        target: class index (gradcam, grad_rollout, bcos; `ValueError` outside 0..num_classes-1); default the
             prediction. Ignored (and logged) by the class-agnostic 'attention' and 'rollout'.
         layer: block for 'attention' and 'gradcam'.
         head: 'mean', 'max', 'min' or a head index ('attention').
@@ -149,7 +150,7 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
     """
     if method not in METHODS:
         raise ValueError(f"explain: unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
-    if method in ("gradcam", "grad_rollout"):
+    if method in ("gradcam", "grad_rollout", "bcos"):
         check_target(model, target, method)
     x, pil = prepare(model, image, size=size, mean=mean, std=std)
     H, W = x.shape[-2:]
@@ -159,6 +160,10 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         if method == "gradcam":
             patch_map, heat, ids = _gradcam(model, x, target, layer)
             return Explanation(method, heat, patch_map, ids, pil)
+        if method == "bcos":
+            from .bcos import bcos_explain
+
+            return bcos_explain(model, x, target, pil)
         if target is not None and method in ("attention", "rollout"):
             _log.info("explain: `target` is ignored by the class-agnostic method %r (gradcam and grad_rollout "
                       "use it)", method)
