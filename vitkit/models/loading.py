@@ -54,6 +54,10 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
          interpolation: Optional[str] = None, crop_pct: Optional[float] = None, **timm_kwargs) -> VisionTransformer:
     """Load a pretrained Vision Transformer as a timm `VisionTransformer`.
 
+    A timm name may also build any other timm model (ConViT, GC ViT, TinyViT, a ResNet or ConvNeXt): it loads,
+    and runs in `vk.bench`, `vk.fit` and `vk.evaluate` through `forward_features` / `forward_head`; methods
+    that need a `VisionTransformer` refuse it (`NotImplementedError` naming its class).
+
     Args:
         source: a timm name (`vit_small_patch16_224.augreg_in21k`), an `hf-hub:` id, a local weights file
             (`.safetensors`, `.pth`, `.pt`, `.bin`), a folder written by `vk.save` (either format, or any PEFT
@@ -162,7 +166,8 @@ def data_config_of(model: nn.Module) -> dict:
 
 
 def load_timm(name: str, *, num_classes: Optional[int] = None, pretrained: bool = True, **timm_kwargs):
-    """`timm.create_model` with a clear error for unknown names and for an unreachable hub."""
+    """`timm.create_model` with a clear error for unknown names and for an unreachable hub (any timm model,
+    not only `VisionTransformer`s: see `load`)."""
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
         raise ValueError(f"unknown timm model `{name}`" + (f"; similar: {', '.join(close)}" if close else ""))
@@ -179,8 +184,6 @@ def load_timm(name: str, *, num_classes: Optional[int] = None, pretrained: bool 
                 f"vk.load('path/to/model.safetensors', arch='{name.removeprefix('hf-hub:').split('.')[0]}'), "
                 "or pass pretrained=False for random weights.") from None
         raise
-    if not isinstance(model, VisionTransformer):
-        raise NotImplementedError(f"`{name}` builds a {type(model).__name__}; vitkit works on timm VisionTransformer")
     base = {"kind": "timm", "name": name, "pretrained": pretrained, "model_args": kwargs}
     fresh_head = num_classes is not None and num_classes != model.pretrained_cfg.get("num_classes", num_classes)
     _record_base(model, base, fingerprint=pretrained, fresh_head=fresh_head)
