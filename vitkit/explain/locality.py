@@ -7,7 +7,7 @@ images. A convolution-like head scores near its kernel radius, a head attending 
 pairwise distance.
 
 *Plugs in at.* Read-only. A timm `VisionTransformer`: `vk.attention` (q/k hooks, fused attention kept); timm's
-`ConVit`: forward pre-hooks on each block's `attn` recompute the gated attention with the module's own
+`ConVit`: forward hooks on each block's `attn` recompute the gated attention with the module's own
 `get_attention` (GPSA) or softmax(q kᵀ · scale) (MHSA). Prefix keys (class token, registers, prompts) are dropped
 and each row renormalised over the patch keys, so a head's distance is over the patches it attends to.
 Other backbones (CNNs, windowed attention) have no global attention map: `NotImplementedError`.
@@ -64,7 +64,7 @@ def _convit_maps(model: nn.Module, x: torch.Tensor) -> dict[int, tuple[torch.Ten
     out, handles = {}, []
 
     def hook(i):
-        def pre(module, args):
+        def post(module, args, output):  # after the forward, which caches GPSA's relative positions
             tokens = args[0]
             if hasattr(module, "get_attention"):  # GPSA: gated content + positional attention
                 a = module.get_attention(tokens)
@@ -74,10 +74,10 @@ def _convit_maps(model: nn.Module, x: torch.Tensor) -> dict[int, tuple[torch.Ten
                 a = ((qkv[0] @ qkv[1].transpose(-2, -1)) * module.scale).softmax(-1)
             p = a.shape[-1] - P
             out[i] = (a[:, :, p:, p:], grid)
-        return pre
+        return post
 
     for i, block in enumerate(model.blocks):
-        handles.append(block.attn.register_forward_pre_hook(hook(i)))
+        handles.append(block.attn.register_forward_hook(hook(i)))
     try:
         with torch.no_grad():
             model(x)
