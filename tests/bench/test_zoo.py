@@ -1,5 +1,5 @@
-"""The backbone zoo in `vk.bench`: every non-ViT timm backbone (ConViT, GC ViT, TinyViT, ResNet, ConvNeXt; tiny
-random configs) runs the probe protocols, fine-tune, OOD and the quality columns; a ViT-only method on them is a
+"""The backbone zoo in `vk.bench`: every non-ViT timm backbone (ConViT, GC ViT, TinyViT, ResNet, ConvNeXt, and
+vitkit's CvT; tiny random configs) runs the probe protocols, fine-tune, OOD and the quality columns; a ViT-only method on them is a
 `skipped` row naming the reason, not an error."""
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ ZOO = [
                   window_sizes=[2, 2, 2, 1])},
     {"name": "resnet", "source": "test_resnet", "args": {"pretrained": False}, "data": S32},
     {"name": "convnext", "source": "test_convnext", "args": {"pretrained": False}, "data": S32},
+    {"name": "cvt", "source": "cvt_13", "data": S32,  # vitkit's CvT, registered with timm
+     "args": dict(pretrained=False, embed_dims=[8, 16, 16], depths=[1, 1, 1], num_heads=[1, 2, 2])},
 ]
 PROTOCOLS = ["linear", "knn", "finetune", "quality"]
 
@@ -47,7 +49,7 @@ def test_quality_columns(zoo_run):
     result, out = zoo_run
     quality = {r["backbone"]: r for r in result.rows if r["protocol"] == "quality" and r["chain"] == "baseline"}
     assert quality["convit"]["locality"] > 0 and len(quality["convit"]["locality_heads"]) == 2  # ConViT: 2 blocks
-    for name in ("gcvit", "tinyvit", "resnet", "convnext"):  # no global attention map: said, not guessed
+    for name in ("gcvit", "tinyvit", "resnet", "convnext", "cvt"):  # no global attention map: said, not guessed
         assert quality[name]["locality"] is None and "no global attention map" in quality[name]["locality_note"]
     for row in quality.values():
         assert 0 <= row["overlap"] <= 1 and 0 <= row["overlap_auroc"] <= 1, row

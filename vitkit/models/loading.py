@@ -248,6 +248,10 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
     """Load a local weights file strictly into a timm ViT (see `load`); `say_inferred` logs the inferred
     architecture at INFO (off for vitkit's embedded checkpoints, whose architecture is recorded)."""
     path = Path(path).expanduser().resolve()
+    from .cvt import is_hf_cvt
+
+    if is_hf_cvt(path.parent):  # a transformers CvT folder: not a ViT, its own converter
+        return _load_hf_cvt(path, num_classes, timm_kwargs)
     sd, layout = convert.to_timm(read_state_dict(path))
     side = side_config(path)
     ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
@@ -292,6 +296,21 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
     _record_base(model, base, fingerprint=True, fresh_head=classes != ckpt_classes)
     if side["data"]:
         set_data_config(model, **side["data"])
+    return model
+
+
+def _load_hf_cvt(path: Path, num_classes: Optional[int], timm_kwargs: dict) -> nn.Module:
+    from .cvt import load_hf
+
+    if timm_kwargs:
+        raise TypeError(f"{path.name}: a Hugging Face CvT takes its architecture from config.json; "
+                        f"{sorted(timm_kwargs)} cannot be given")
+    model, args, data = load_hf(path, num_classes)
+    base = {"kind": "file", "path": str(path), "sha256": sha256_file(path), "arch": "cvt", "layout": "huggingface-cvt",
+            "model_args": {"num_classes": model.num_classes}}
+    _record_base(model, base, fingerprint=True, fresh_head=num_classes is not None and num_classes != args["num_classes"])
+    if data:
+        set_data_config(model, **data)
     return model
 
 
