@@ -259,7 +259,8 @@ def _create(name: str, pretrained: bool, **kwargs) -> CvT:
         if sd["head.weight"].shape[0] != model.num_classes:  # another class count: a fresh head
             sd.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
         model.load_state_dict(sd, strict=True)
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name}
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name,
+                            **({"input_size": (3, 384, 384), "crop_pct": 1.0} if name == "cvt_w24" else {})}
     return model
 
 
