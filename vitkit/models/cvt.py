@@ -260,7 +260,7 @@ def _create(name: str, pretrained: bool, **kwargs) -> CvT:
             sd.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
         model.load_state_dict(sd, strict=True)
     model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name,
-                            **({"input_size": (3, 384, 384), "crop_pct": 1.0} if name == "cvt_w24" else {})}
+                            **({"input_size": (3, 384, 384)} if name == "cvt_w24" else {})}  # its name: 384 px
     return model
 
 
