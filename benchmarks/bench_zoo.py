@@ -33,7 +33,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         xs = [j + i * width for j in range(len(protocols))]
         axes[0].bar(xs, [acc.get((b, p), {}).get("acc", 0) for p in protocols], width, label=b)
         axes[1].bar(xs, [acc.get((b, p), {}).get("ood_mean", 0) for p in protocols], width, label=b)
-    for ax, title in zip(axes[:2], ("clean top-1", "OOD mean top-1 (rotate15, noise0.1, invert)")):
+    for ax, title in zip(axes[:2], ("clean top-1", "OOD mean top-1 (rotate15, invert)")):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(protocols))], protocols)
         ax.set_ylabel("top-1 accuracy")
         ax.set_title(title)
@@ -45,7 +45,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     axes[2].axvline(0, color="k", lw=0.8)
     axes[2].set_xlabel("mean z-score over linear / knn / finetune (baseline chains)")
     axes[2].set_title("ranking")
-    fig.suptitle("CIFAR-10 JPEGs, 50 train / 100 eval per class; ConViT, TinyViT, ResNet: random init")
+    fig.suptitle("CIFAR-10 JPEGs, 20 train / 20 eval per class; ConViT, TinyViT, ResNet: random init")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -253,7 +253,8 @@ def results_section(rows: list[dict], folder) -> str:
              f"## `vitkit bench`: {len(backbones)} backbones x {len(chains)} chains x {' / '.join(protocols)}"
              f" on {', '.join(tasks)}", "",
              f"Rows: `{folder}/rows.jsonl`, {len(rows)} cells ({len(rows) - len(perf) - sum(r['status'] == 'error' and r['protocol'] == 'perf' for r in rows)} accuracy, "
-             f"{sum(r['protocol'] == 'perf' for r in rows)} perf), {n_err} failed; full table: `{folder}/results.md`, "
+             f"{sum(r['protocol'] == 'perf' for r in rows)} perf), {n_err} failed"
+             f"{_skipped_count(rows)}; full table: `{folder}/results.md`, "
              f"plots: `{folder}/plots/`. Cell time {cell_s / 60:.1f} min in all; first cell start to last cell end "
              f"{span / 60:.1f} min.", ""]
     for fp in fps:
@@ -397,6 +398,11 @@ def _failed_cells(rows: list[dict], heading: str, width: int) -> list[str]:
     return [heading, "", "| backbone | chain | task | protocol | error |", "|---|---|---|---|---|",
             *(f"| {r['backbone']} | {r['chain']} | {r['task']} | {r['protocol']} | "
               f"{r['error'].replace('|', '/')[:width]} |" for r in errors), ""]
+
+
+def _skipped_count(rows: list[dict]) -> str:
+    n = sum(r["status"] == "skipped" for r in rows)
+    return f", {n} skipped (a ViT-only method on another backbone)" if n else ""
 
 
 def _skipped_cells(rows: list[dict], heading: str, width: int) -> list[str]:
