@@ -174,7 +174,7 @@ class CvT(nn.Module):
             if stage.cls_token is not None:
                 nn.init.trunc_normal_(stage.cls_token, std=0.02)
         self.pretrained_cfg = {"architecture": "cvt", "input_size": (in_chans, 224, 224), "crop_pct": 0.875,
-                               "interpolation": "bicubic", "num_classes": num_classes, **IMAGENET}
+                               "interpolation": "bicubic", **IMAGENET}
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -259,7 +259,7 @@ def _create(name: str, pretrained: bool, **kwargs) -> CvT:
         if sd["head.weight"].shape[0] != model.num_classes:  # another class count: a fresh head
             sd.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
         model.load_state_dict(sd, strict=True)
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name,
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name, "num_classes": 1000,  # the released heads
                             **({"input_size": (3, 384, 384)} if name == "cvt_w24" else {})}  # its name: 384 px
     return model
 
@@ -372,9 +372,10 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
-def load_hf(path: Path, num_classes: Optional[int] = None) -> tuple[CvT, dict, Optional[dict]]:
-    """A `CvT` from a transformers folder's weights file `path` (config.json beside it), strictly. Returns
-    (model, model_args, preprocessing stated by `preprocessor_config.json` or None)."""
+def load_hf(path: Path, num_classes: Optional[int] = None) -> tuple[CvT, int, Optional[dict]]:
+    """A `CvT` from a transformers folder's weights file `path` (config.json beside it), strictly, with a fresh
+    head when `num_classes` differs from the checkpoint's. Returns (model, the checkpoint's class count,
+    preprocessing stated by `preprocessor_config.json` or None)."""
     from .loading import check_keys
 
     args = hf_args(json.loads((path.parent / "config.json").read_text()))
@@ -384,7 +385,6 @@ def load_hf(path: Path, num_classes: Optional[int] = None) -> tuple[CvT, dict, O
     model.load_state_dict(sd, strict=True)
     if num_classes is not None and num_classes != args["num_classes"]:
         model.reset_classifier(num_classes)
-        args["num_classes"] = num_classes
     data = None
     pre = path.parent / "preprocessor_config.json"
     if pre.is_file():
@@ -394,4 +394,4 @@ def load_hf(path: Path, num_classes: Optional[int] = None) -> tuple[CvT, dict, O
             data["crop_pct"] = float(p["crop_pct"])
         if p.get("resample") in (2, 3):
             data["interpolation"] = {2: "bilinear", 3: "bicubic"}[p["resample"]]
-    return model, args, data
+    return model, args["num_classes"], data

@@ -305,10 +305,10 @@ def _load_hf_cvt(path: Path, num_classes: Optional[int], timm_kwargs: dict) -> n
     if timm_kwargs:
         raise TypeError(f"{path.name}: a Hugging Face CvT takes its architecture from config.json; "
                         f"{sorted(timm_kwargs)} cannot be given")
-    model, args, data = load_hf(path, num_classes)
+    model, ckpt_classes, data = load_hf(path, num_classes)
     base = {"kind": "file", "path": str(path), "sha256": sha256_file(path), "arch": "cvt", "layout": "huggingface-cvt",
             "model_args": {"num_classes": model.num_classes}}
-    _record_base(model, base, fingerprint=True, fresh_head=num_classes is not None and num_classes != args["num_classes"])
+    _record_base(model, base, fingerprint=True, fresh_head=model.num_classes != ckpt_classes)
     if data:
         set_data_config(model, **data)
     return model
