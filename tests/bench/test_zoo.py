@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+import vitkit as vk
+from vitkit import cli
 from vitkit.bench import bench
 
 from test_bench import small_folder  # noqa: F401 - the 3-class CIFAR JPEG fixture
@@ -68,3 +70,12 @@ def test_vit_only_method_is_a_skipped_row(zoo_run):
     md = (out / "results.md").read_text()
     assert "## Skipped cells" in md and "## Failed cells" not in md
     assert "| convit | tome | skipped | skipped | skipped |" in md
+
+
+def test_non_vit_outside_the_bench_is_refused_in_one_line(capsys):
+    with pytest.raises(NotImplementedError, match="builds a ResNet, not a timm VisionTransformer.*any_model=True"):
+        vk.load("test_resnet", pretrained=False)
+    assert type(vk.load("test_resnet", pretrained=False, any_model=True)).__name__ == "ResNet"
+    assert cli.main(["explain", "x.jpg", "--model", "test_resnet", "--no-pretrained"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a timm VisionTransformer" in err[0], err

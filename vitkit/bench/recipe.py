@@ -494,7 +494,7 @@ def resolve_backbone(entry: dict, where: str = "recipe") -> Backbone:
     name, source = entry["name"], str(entry["source"])
     args, data = dict(entry.get("args") or {}), dict(entry.get("data") or {})
     try:
-        model = vk.load(source, **args)
+        model = vk.load(source, any_model=True, **args)
     except Exception as err:  # noqa: BLE001 - any load failure is a recipe error naming the backbone
         raise RecipeError(f"{where}: backbone `{name}` ({source}): {err}") from None
     base = model.__dict__.get("_vitkit_base", {})

@@ -160,7 +160,7 @@ def build(cell: Cell, num_classes: Optional[int] = None, *, post: bool = True):
     import vitkit as vk
 
     torch.manual_seed(cell.seed)
-    model = vk.load(cell.backbone.source, num_classes=num_classes, **cell.backbone.args)
+    model = vk.load(cell.backbone.source, num_classes=num_classes, any_model=True, **cell.backbone.args)
     if cell.protocol in TRAINED and not cell.chain.adapter:
         vk.adapt(model, "full")  # a chain without adapters is fine-tuned end to end
     if post or cell.chain.adapter:  # a fine-tuned adapter chain gets its trailing compress steps after training

@@ -51,12 +51,14 @@ class CheckpointMismatchError(ValueError):
 
 def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
          pretrained: bool = True, base: Any = None, mean: Optional[tuple] = None, std: Optional[tuple] = None,
-         interpolation: Optional[str] = None, crop_pct: Optional[float] = None, **timm_kwargs) -> VisionTransformer:
+         interpolation: Optional[str] = None, crop_pct: Optional[float] = None, any_model: bool = False,
+         **timm_kwargs) -> VisionTransformer:
     """Load a pretrained Vision Transformer as a timm `VisionTransformer`.
 
-    A timm name may also build any other timm model (ConViT, GC ViT, TinyViT, a ResNet or ConvNeXt): it loads,
-    and runs in `vk.bench`, `vk.fit` and `vk.evaluate` through `forward_features` / `forward_head`; methods
-    that need a `VisionTransformer` refuse it (`NotImplementedError` naming its class).
+    With `any_model=True` a timm name may also build any other timm model (ConViT, GC ViT, TinyViT, a ResNet or
+    ConvNeXt, vitkit's CvT): `vk.bench`, `vk.fit` and `vk.evaluate` run it through `forward_features` /
+    `forward_head`; methods that need a `VisionTransformer` refuse it (`NotImplementedError` naming its class).
+    Without it such a name is refused, so that explainers and methods never meet a model they cannot read.
 
     Args:
         source: a timm name (`vit_small_patch16_224.augreg_in21k`), an `hf-hub:` id, a local weights file
@@ -71,6 +73,7 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
             weights differ from the recorded digest is refused.
         mean, std, interpolation, crop_pct: the preprocessing the weights expect (e.g. 0.5/0.5 for many CIFAR
             checkpoints); kept in `model.pretrained_cfg`, saved by `vk.save`, used by `vk.data.transform`.
+        any_model: accept a timm name that builds a model other than a `VisionTransformer` (see above).
         **timm_kwargs: passed to `timm.create_model` / `VisionTransformer` (e.g. `dynamic_img_size=True`,
             `num_heads=4` when it cannot be inferred).
     """
@@ -119,6 +122,10 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
         raise FileNotFoundError(f"no such weights file or folder: {source}")
     else:
         model = load_timm(source, num_classes=num_classes, pretrained=pretrained, **timm_kwargs)
+    if not any_model and not isinstance(model, VisionTransformer):
+        raise NotImplementedError(f"`{source}` builds a {type(model).__name__}, not a timm VisionTransformer: "
+                                  "vitkit's methods and explainers need one; vk.bench, vk.fit and vk.evaluate "
+                                  "take any timm model (vk.load(..., any_model=True))")
     if data:
         set_data_config(model, **data)
     return model
