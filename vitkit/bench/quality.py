@@ -9,7 +9,7 @@
   needs two positions or more), recorded in `overlap_features`.
 
 Lower overlap and higher AUROC: patch features that separate objects. Hand-written: the mosaic set-up and the
-feature choice; the metrics are vitkit's own (explain/locality.py, explain/segment.py).
+feature choice; the metrics are vitkit's own (explain/locality.py, explain/segment.py). Docs: docs/backbones.md.
 """
 from __future__ import annotations
 

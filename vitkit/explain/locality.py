@@ -14,7 +14,7 @@ Other backbones (CNNs, windowed attention) have no global attention map: `NotImp
 *Hand-written here, and why:* timm's `get_attention_map` exists for ConViT only and assumes a square grid without
 prefix tokens; the metric is one weighted sum.
 
-Spec: ../shared/methods/augment-pretrain.md §F, applications.md entry 32. Docs: docs/bench.md (backbone zoo).
+Spec: ../shared/methods/augment-pretrain.md §F, applications.md entry 32. Docs: docs/backbones.md.
 """
 from __future__ import annotations
 

@@ -12,15 +12,17 @@ the last stage has none), then a Linear.
 
 *timm-style:* `timm.create_model("cvt_13")` (also `cvt_21`, `cvt_w24`; registered when vitkit is imported),
 `forward_features` (last stage's tokens, class token first), `forward_head(x, pre_logits=)`,
-`forward_intermediates` (per-stage NCHW maps), `reset_classifier`, `set_grad_checkpointing`. `vk.load` of a
-folder written by transformers' `save_pretrained` (`config.json` with `model_type: cvt`) converts it
-(`from_hf`). Not a `VisionTransformer`: vitkit's token methods refuse it; `vk.bench` runs it.
+`forward_intermediates` (per-stage NCHW maps), `reset_classifier`, `set_grad_checkpointing`.
+`vk.load(folder, any_model=True)` of a folder written by transformers' `save_pretrained` (`config.json` with
+`model_type: cvt`) converts it (`load_hf`, `convert_hf`). Not a `VisionTransformer`: vitkit's token methods
+refuse it; `vk.bench` runs it.
 
 *Hand-written here, and why:* timm 1.0.31 has no CvT (`timm.list_models('cvt*')` is empty) and transformers'
 model is not timm-style (no `forward_features` / `forward_head`), so the bench and `vk.fit` could not use it.
 *Differs from the reference:* attention scores are scaled by 1/√C of the whole stage width, not of a head's
 width, as the released checkpoints were trained (and transformers computes); only the `dw_bn` projection of the
 released models is offered. Spec: ../shared/methods/augment-pretrain.md §F, applications.md #31.
+Docs: docs/backbones.md.
 """
 from __future__ import annotations
 
