@@ -1,6 +1,6 @@
 """The backbone zoo in `vk.bench`: every non-ViT timm backbone (ConViT, GC ViT, TinyViT, ResNet, ConvNeXt, and
-vitkit's CvT; tiny random configs) runs the probe protocols, fine-tune, OOD and the quality columns; a ViT-only method on them is a
-`skipped` row naming the reason, not an error."""
+vitkit's CvT; tiny random configs) runs the probe protocols, fine-tune, OOD and the quality columns; a ViT-only
+method on them is a `skipped` row naming the reason, not an error; outside the bench such a model is refused."""
 from __future__ import annotations
 
 import pytest
