@@ -15,3 +15,4 @@ PYTHONWARNINGS="ignore:Editable installation" quiet .venv/bin/python -m pip inst
 # lightly and torchattacks declare dependencies vitkit does not use (pytorch-lightning, requests 2.25): skip them
 quiet .venv/bin/python -m pip install -q -c constraints.txt lightning-utilities
 quiet .venv/bin/python -m pip install -q -c constraints.txt --no-deps lightly torchattacks
+quiet .venv/bin/python -m pip install -q -c constraints.txt transformers  # the [hf] extra: CvT's test oracle

@@ -25,9 +25,11 @@ from vitkit.info import frozen_eval
 from vitkit.models.layout import token_layout
 
 
-def _input(model: nn.Module, batch: int, device: str) -> torch.Tensor:
-    layout = token_layout(model)
-    return torch.randn(batch, layout.in_chans, *layout.img_size, device=device)
+def _input(model: nn.Module, batch: int, device: str, input_size=None) -> torch.Tensor:
+    if input_size is None:
+        layout = token_layout(model)
+        input_size = (layout.in_chans, *layout.img_size)
+    return torch.randn(batch, *input_size, device=device)
 
 
 def _sync(device: str) -> None:
@@ -82,11 +84,12 @@ def _quiet_stderr():
 
 
 def compare(baseline: nn.Module, model: nn.Module, *, batch: int = 8, device: str = "cpu", rounds: int = 5,
-            min_iters: int = 10, min_seconds: float = 0.5, warmup: int = 3) -> dict:
-    """Throughput, latency, FLOPs and memory of `model` and of `baseline`, interleaved, with ratios."""
+            min_iters: int = 10, min_seconds: float = 0.5, warmup: int = 3, input_size=None) -> dict:
+    """Throughput, latency, FLOPs and memory of `model` and of `baseline`, interleaved, with ratios. The input
+    is random, of `input_size` (C, H, W) or, when None, the ViT's own size."""
     baseline.eval().to(device)
     model.eval().to(device)
-    x = _input(model, batch, device)
+    x = _input(model, batch, device, input_size)
     x1 = x[:1]
     with torch.no_grad():
         for _ in range(warmup):

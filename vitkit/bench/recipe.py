@@ -10,6 +10,8 @@ runner never reads chain strings again. Protocols (Battle of the Backbones):
   method is fine-tuned in full (the baseline cell is full fine-tuning).
 * `robust` trains as `finetune` does, then reports robust accuracy under the recipe's `robust:` attack (PGD at a
   stated ε by default; `vitkit/robust/bench.py`) beside the clean accuracy of the same images.
+* `quality` trains nothing: attention locality and similarity overlap of the frozen features
+  (`vitkit/bench/quality.py`), columns beside the accuracies, not part of the ranking.
 
 Loading validates everything before any cell runs (`RecipeError`, one line naming the file and field): YAML
 syntax, keys, methods and config fields, protocols, OOD variants, tasks that cannot be split into `train` +
@@ -30,9 +32,9 @@ import yaml
 
 from vitkit import registry
 
-PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval", "robust")
+PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval", "robust", "quality")
 TRAINED = ("finetune", "robust")  # protocols that fine-tune the chain
-PROBES = ("linear", "knn", "fewshot", "retrieval")
+PROBES = ("linear", "knn", "fewshot", "retrieval", "quality")
 OOD_VARIANTS = ("rotate15", "rotate30", "rotate90", "noise0.1", "noise0.2", "invert", "jpeg30", "jpeg10")
 DEFAULT_CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-test-jpeg" / "test"
 CELL_KINDS = ("probe", "finetune", "perf")
@@ -233,7 +235,7 @@ class Recipe:
             out = {"perf_batch": self.perf_batch, "fingerprint": fingerprint or {"device": device}}
         elif protocol == "fewshot":
             out = {"fewshot": dict(self.fewshot), "device": device.split(":")[0]}
-        elif protocol == "retrieval":
+        elif protocol in ("retrieval", "quality"):
             out = {"device": device.split(":")[0]}
         else:
             out = {"ood": list(self.ood), "device": device.split(":")[0]}
@@ -492,7 +494,7 @@ def resolve_backbone(entry: dict, where: str = "recipe") -> Backbone:
     name, source = entry["name"], str(entry["source"])
     args, data = dict(entry.get("args") or {}), dict(entry.get("data") or {})
     try:
-        model = vk.load(source, **args)
+        model = vk.load(source, any_model=True, **args)
     except Exception as err:  # noqa: BLE001 - any load failure is a recipe error naming the backbone
         raise RecipeError(f"{where}: backbone `{name}` ({source}): {err}") from None
     base = model.__dict__.get("_vitkit_base", {})

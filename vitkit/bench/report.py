@@ -74,11 +74,13 @@ def markdown(rows: list[dict]) -> str:
     perf = {(r["backbone"], r["chain"]): r for r in rows if r["protocol"] == "perf" and r["status"] == "ok"}
     lines = []
     protocols = [p for p in ACC_PROTOCOLS if any(r["protocol"] == p for r in rows)]
+    quality = any(r["protocol"] == "quality" for r in rows)
     for task in sorted({r["task"] for r in rows if r["protocol"] != "perf"}):
         lines += [f"## {task}", "",
                   "| backbone | chain | " + " | ".join(COLUMN[p] for p in protocols) + " | Δ finetune | params (M) "
-                  "| trainable | adapter (KB) | GMACs (min–max) | img/s (×) | peak MiB | OOD mean |",
-                  "|---|---|" + "---|" * len(protocols) + "---|---|---|---|---|---|---|---|"]
+                  "| trainable | adapter (KB) | GMACs (min–max) | img/s (×) | peak MiB | OOD mean |"
+                  + (" locality | sim. overlap (AUROC) |" if quality else ""),
+                  "|---|---|" + "---|" * len(protocols) + "---|---|---|---|---|---|---|---|" + "---|---|" * quality]
         entries: dict[tuple, dict[str, dict]] = defaultdict(dict)
         for r in rows:
             if r["task"] == task:
@@ -86,7 +88,7 @@ def markdown(rows: list[dict]) -> str:
         baseline_ft = {b: e.get("finetune", {}).get("acc") for (b, c), e in entries.items() if c == "baseline"}
         for (backbone, chain), cells in sorted(entries.items(), key=lambda kv: (kv[0][0], kv[0][1] != "baseline",
                                                                                    kv[0][1])):
-            acc = {p: (_acc_text(cells[p]) if cells[p]["status"] == "ok" else "error") if p in cells else None
+            acc = {p: (_acc_text(cells[p]) if cells[p]["status"] == "ok" else cells[p]["status"]) if p in cells else None
                    for p in protocols}
             ft = cells.get("finetune", {})
             base = baseline_ft.get(backbone)
@@ -100,8 +102,15 @@ def markdown(rows: list[dict]) -> str:
                 _fmt(ft.get("adapter_bytes"), ".1f", 1 / 1024), _gmacs_text(p),
                 "-" if not p else f"{p['throughput_ips']:.0f} ({p['speedup']:.2f}×)", _fmt(p.get("peak_mem_mib"), ".2f"),
                 _fmt(max(ood) if ood else None)]
+            if quality:
+                cols += _quality_text(cells.get("quality"))
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
+    if quality:
+        lines += ["locality: mean attention distance in patches over heads and blocks (ConViT's non-locality; "
+                  "'n/a': no global attention map). sim. overlap: histogram overlap of same- vs different-object "
+                  "patch cosines on 2x2 mosaics of evaluation images (lower separates objects better), AUROC in "
+                  "brackets.", ""]
     lines += _robust_notes(rows)
     ranked, incomplete = zscores(rows)
     if ranked:
@@ -113,7 +122,17 @@ def markdown(rows: list[dict]) -> str:
                       + ", ".join(f"{t}/{p}" for t, p in incomplete)]
         lines.append("")
     lines += _failed_cells(rows, "## Failed cells", width=200)
+    lines += _skipped_cells(rows, "## Skipped cells", width=200)
     return "\n".join(lines)
+
+
+def _quality_text(row) -> list[str]:
+    """The locality and similarity-overlap cells of a `quality` row."""
+    if row is None or row["status"] != "ok":
+        return ["-" if row is None else row["status"]] * 2
+    loc = "n/a" if row.get("locality") is None else f"{row['locality']:.2f}"
+    over = "n/a" if row.get("overlap") is None else f"{row['overlap']:.3f} ({row['overlap_auroc']:.3f})"
+    return [loc, over]
 
 
 def _robust_notes(rows: list[dict]) -> list[str]:
@@ -149,7 +168,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         for ax, task in zip(axes[0], tasks):
             points = []
             for r in rows:
-                if r["task"] != task or r["protocol"] == "perf":
+                if r["task"] != task or r["protocol"] not in ACC_PROTOCOLS:
                     continue
                 if kind == "pareto_acc_throughput" and (r["backbone"], r["chain"]) in perf:
                     points.append((perf[(r["backbone"], r["chain"])]["throughput_ips"], r["acc"], r))
@@ -234,7 +253,8 @@ def results_section(rows: list[dict], folder) -> str:
              f"## `vitkit bench`: {len(backbones)} backbones x {len(chains)} chains x {' / '.join(protocols)}"
              f" on {', '.join(tasks)}", "",
              f"Rows: `{folder}/rows.jsonl`, {len(rows)} cells ({len(rows) - len(perf) - sum(r['status'] == 'error' and r['protocol'] == 'perf' for r in rows)} accuracy, "
-             f"{sum(r['protocol'] == 'perf' for r in rows)} perf), {n_err} failed; full table: `{folder}/results.md`, "
+             f"{sum(r['protocol'] == 'perf' for r in rows)} perf), {n_err} failed"
+             f"{_skipped_count(rows)}; full table: `{folder}/results.md`, "
              f"plots: `{folder}/plots/`. Cell time {cell_s / 60:.1f} min in all; first cell start to last cell end "
              f"{span / 60:.1f} min.", ""]
     for fp in fps:
@@ -338,6 +358,7 @@ def results_section(rows: list[dict], folder) -> str:
                          "brackets.")
         lines.append("")
     lines += _failed_cells(rows, "### Failed cells", width=160)
+    lines += _skipped_cells(rows, "### Skipped cells", width=160)
     lines += ["Definitions: accuracy is top-1 on the evaluation images (fewshot: mean ± std over draws; retrieval: "
               "MAP@R of evaluation queries against the train gallery). *Trainable* counts the parameters `vk.fit` "
               "trained; *adapter* is the bytes of those tensors as one safetensors file (what a task adds to its "
@@ -377,3 +398,21 @@ def _failed_cells(rows: list[dict], heading: str, width: int) -> list[str]:
     return [heading, "", "| backbone | chain | task | protocol | error |", "|---|---|---|---|---|",
             *(f"| {r['backbone']} | {r['chain']} | {r['task']} | {r['protocol']} | "
               f"{r['error'].replace('|', '/')[:width]} |" for r in errors), ""]
+
+
+def _skipped_count(rows: list[dict]) -> str:
+    n = sum(r["status"] == "skipped" for r in rows)
+    return f", {n} skipped (a ViT-only method on another backbone)" if n else ""
+
+
+def _skipped_cells(rows: list[dict], heading: str, width: int) -> list[str]:
+    """One line per (backbone, chain) whose cells were skipped (a ViT-only method on another backbone), with
+    the reason, or nothing."""
+    seen: dict[tuple, str] = {}
+    for r in rows:
+        if r["status"] == "skipped":
+            seen.setdefault((r["backbone"], r["chain"]), r["skipped"])
+    if not seen:
+        return []
+    return [heading, "", "| backbone | chain | why |", "|---|---|---|",
+            *(f"| {b} | {c} | {why.replace('|', '/')[:width]} |" for (b, c), why in seen.items()), ""]

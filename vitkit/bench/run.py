@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
 from vitkit.io import atomic_write
 
@@ -159,12 +160,27 @@ def build(cell: Cell, num_classes: Optional[int] = None, *, post: bool = True):
     import vitkit as vk
 
     torch.manual_seed(cell.seed)
-    model = vk.load(cell.backbone.source, num_classes=num_classes, **cell.backbone.args)
+    model = vk.load(cell.backbone.source, num_classes=num_classes, any_model=True, **cell.backbone.args)
     if cell.protocol in TRAINED and not cell.chain.adapter:
         vk.adapt(model, "full")  # a chain without adapters is fine-tuned end to end
     if post or cell.chain.adapter:  # a fine-tuned adapter chain gets its trailing compress steps after training
-        (cell.chain if post else cell.chain.trained).apply(model)
+        apply_chain(cell.chain if post else cell.chain.trained, model, cell)
     return model
+
+
+class SkippedCell(Exception):
+    """A chain method that needs a `VisionTransformer` on another timm backbone: a `skipped` row, not an error."""
+
+
+def apply_chain(chain, model, cell: Cell):
+    """`chain.apply(model)`; a method refusing a backbone that is not a `VisionTransformer` skips the cell."""
+    try:
+        return chain.apply(model)
+    except NotImplementedError as err:
+        if isinstance(model, VisionTransformer):
+            raise
+        raise SkippedCell(f"{cell.backbone.name} is a {type(model).__name__}, not a timm VisionTransformer: "
+                          f"{err}") from None
 
 
 def _dtype(model, device: str) -> str:
@@ -191,6 +207,8 @@ def run_cell(cell: Cell, recipe: Recipe, out: Path, device: str = "cpu", resume:
         row.update(_perf_cell(cell, recipe, device) if cell.protocol == "perf" else
                    _accuracy_cell(cell, recipe, out / "cells", device, resume))
         row["status"] = "ok"
+    except SkippedCell as why:
+        row.update(status="skipped", skipped=str(why))
     except Exception as err:  # noqa: BLE001 - a failing cell is a row, not a crash
         row.update(status="error", error=f"{type(err).__name__}: {err}")
         _log.warning("cell %s failed: %s", cell.label(), row["error"])
@@ -206,7 +224,8 @@ def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
     model = build(cell)
     baseline = build(cell.with_chain(BASELINE))
     images = _flop_images(cell, model)
-    result, batch, failed = halving_on_oom(lambda b: compare(baseline, model, batch=b, device=device),
+    size = tuple(images.shape[1:])  # the task's input size (a non-ViT backbone has no patch grid to read it from)
+    result, batch, failed = halving_on_oom(lambda b: compare(baseline, model, batch=b, device=device, input_size=size),
                                            recipe.perf_batch, f"perf {cell.label()}")
     flops = flops_over(model, images)
     base_flops = flops_over(baseline, images)
@@ -324,12 +343,12 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
         eval_t = evaluation.with_transform(transform)
         if post:
             row["acc_pre_post"] = vk.evaluate(model, eval_t, protocol="finetuned")["top1"]
-            cell.chain.apply(model)
+            apply_chain(cell.chain, model, cell)
         elif cell.chain.compress_tail.steps:  # the trained adapter chain, then pruned / quantised
             row["acc_pre_compress"] = vk.evaluate(model, eval_t, protocol="finetuned")["top1"]
-            cell.chain.compress_tail.apply(model)
+            apply_chain(cell.chain.compress_tail, model, cell)
         saved = vk.save(model, cells_dir / cell.key / "model")
-        info = vk.info(model)
+        info = param_counts(model)
         row.update(trainable_params=info.trainable_params, trainable_frac=info.trainable_fraction,
                    adapter_bytes=0 if post else trained_bytes(model),
                    saved_bytes=(saved / "weights.safetensors").stat().st_size)
@@ -340,7 +359,14 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
         from vitkit.train.evaluate import fewshot_scores, knn_scores, linear_probe_scores, scores_report
 
         model = build(cell, num_classes=classes).to(device).requires_grad_(False)
-        info = vk.info(model)
+        info = param_counts(model)
+        if cell.protocol == "quality":
+            from .quality import quality
+
+            images = [evaluation[i][0] for i in range(len(evaluation))]
+            row.update(quality(model, images, cell.backbone.data, cell.seed), params=info.total_params,
+                       dtype=_dtype(model, device))
+            return row
         transform = vk.data.transform(model, **cell.backbone.data)
         # probe cells of one (backbone, chain, task, seed, device) share their frozen features
         shared = json.dumps([cell.backbone.name, cell.backbone.weights_sha256, cell.chain.canonical(),
@@ -385,6 +411,15 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
                       for v in recipe.ood}
         row["ood_mean"] = sum(row["ood"].values()) / len(row["ood"])
     return row
+
+
+def param_counts(model):
+    """Total and trainable parameters (what the rows need of `vk.info`, for any timm model)."""
+    from types import SimpleNamespace
+
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return SimpleNamespace(total_params=total, trainable_params=trainable, trainable_fraction=trainable / max(1, total))
 
 
 def trained_bytes(model) -> int:

@@ -51,8 +51,14 @@ class CheckpointMismatchError(ValueError):
 
 def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: Optional[int] = None,
          pretrained: bool = True, base: Any = None, mean: Optional[tuple] = None, std: Optional[tuple] = None,
-         interpolation: Optional[str] = None, crop_pct: Optional[float] = None, **timm_kwargs) -> VisionTransformer:
+         interpolation: Optional[str] = None, crop_pct: Optional[float] = None, any_model: bool = False,
+         **timm_kwargs) -> VisionTransformer:
     """Load a pretrained Vision Transformer as a timm `VisionTransformer`.
+
+    With `any_model=True` a timm name may also build any other timm model (ConViT, GC ViT, TinyViT, a ResNet or
+    ConvNeXt, vitkit's CvT): `vk.bench`, `vk.fit` and `vk.evaluate` run it through `forward_features` /
+    `forward_head`; methods that need a `VisionTransformer` refuse it (`NotImplementedError` naming its class).
+    Without it such a name is refused, so that explainers and methods never meet a model they cannot read.
 
     Args:
         source: a timm name (`vit_small_patch16_224.augreg_in21k`), an `hf-hub:` id, a local weights file
@@ -67,6 +73,7 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
             weights differ from the recorded digest is refused.
         mean, std, interpolation, crop_pct: the preprocessing the weights expect (e.g. 0.5/0.5 for many CIFAR
             checkpoints); kept in `model.pretrained_cfg`, saved by `vk.save`, used by `vk.data.transform`.
+        any_model: accept a timm name that builds a model other than a `VisionTransformer` (see above).
         **timm_kwargs: passed to `timm.create_model` / `VisionTransformer` (e.g. `dynamic_img_size=True`,
             `num_heads=4` when it cannot be inferred).
     """
@@ -115,6 +122,10 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
         raise FileNotFoundError(f"no such weights file or folder: {source}")
     else:
         model = load_timm(source, num_classes=num_classes, pretrained=pretrained, **timm_kwargs)
+    if not any_model and not isinstance(model, VisionTransformer):
+        raise NotImplementedError(f"`{source}` builds a {type(model).__name__}, not a timm VisionTransformer: "
+                                  "vitkit's methods and explainers need one; vk.bench, vk.fit and vk.evaluate "
+                                  "take any timm model (vk.load(..., any_model=True))")
     if data:
         set_data_config(model, **data)
     return model
@@ -162,7 +173,8 @@ def data_config_of(model: nn.Module) -> dict:
 
 
 def load_timm(name: str, *, num_classes: Optional[int] = None, pretrained: bool = True, **timm_kwargs):
-    """`timm.create_model` with a clear error for unknown names and for an unreachable hub."""
+    """`timm.create_model` with a clear error for unknown names and for an unreachable hub (any timm model,
+    not only `VisionTransformer`s: see `load`)."""
     if not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
         raise ValueError(f"unknown timm model `{name}`" + (f"; similar: {', '.join(close)}" if close else ""))
@@ -179,8 +191,6 @@ def load_timm(name: str, *, num_classes: Optional[int] = None, pretrained: bool 
                 f"vk.load('path/to/model.safetensors', arch='{name.removeprefix('hf-hub:').split('.')[0]}'), "
                 "or pass pretrained=False for random weights.") from None
         raise
-    if not isinstance(model, VisionTransformer):
-        raise NotImplementedError(f"`{name}` builds a {type(model).__name__}; vitkit works on timm VisionTransformer")
     base = {"kind": "timm", "name": name, "pretrained": pretrained, "model_args": kwargs}
     fresh_head = num_classes is not None and num_classes != model.pretrained_cfg.get("num_classes", num_classes)
     _record_base(model, base, fingerprint=pretrained, fresh_head=fresh_head)
@@ -245,6 +255,10 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
     """Load a local weights file strictly into a timm ViT (see `load`); `say_inferred` logs the inferred
     architecture at INFO (off for vitkit's embedded checkpoints, whose architecture is recorded)."""
     path = Path(path).expanduser().resolve()
+    from .cvt import is_hf_cvt
+
+    if is_hf_cvt(path.parent):  # a transformers CvT folder: not a ViT, its own converter
+        return _load_hf_cvt(path, num_classes, timm_kwargs)
     sd, layout = convert.to_timm(read_state_dict(path))
     side = side_config(path)
     ckpt_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
@@ -289,6 +303,21 @@ def load_file(path: str | os.PathLike, *, arch: Optional[str] = None, num_classe
     _record_base(model, base, fingerprint=True, fresh_head=classes != ckpt_classes)
     if side["data"]:
         set_data_config(model, **side["data"])
+    return model
+
+
+def _load_hf_cvt(path: Path, num_classes: Optional[int], timm_kwargs: dict) -> nn.Module:
+    from .cvt import load_hf
+
+    if timm_kwargs:
+        raise TypeError(f"{path.name}: a Hugging Face CvT takes its architecture from config.json; "
+                        f"{sorted(timm_kwargs)} cannot be given")
+    model, ckpt_classes, data = load_hf(path, num_classes)
+    base = {"kind": "file", "path": str(path), "sha256": sha256_file(path), "arch": "cvt", "layout": "huggingface-cvt",
+            "model_args": {"num_classes": model.num_classes}}
+    _record_base(model, base, fingerprint=True, fresh_head=model.num_classes != ckpt_classes)
+    if data:
+        set_data_config(model, **data)
     return model
 
 
