@@ -150,6 +150,7 @@ def test_tune_picks_lr_on_validation_before_the_test_split(tmp_path, recipe, mon
     """Issue 12.10: `budget: {tune: [...]}` chooses on a validation split carved from train."""
     seen = []
     real_evaluate = vk.evaluate
+    monkeypatch.setattr(bench_run, "_TASK_CACHE", {})  # holds this test's task only (other tests may fill it first)
     monkeypatch.setattr(vk, "evaluate", lambda model, data, **k: seen.append(sorted(data.indices))
                         or real_evaluate(model, data, **k))
     result = bench(recipe(chains=["bitfit"], protocols=["finetune"],
