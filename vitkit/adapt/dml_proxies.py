@@ -66,10 +66,10 @@ class Config:
     mean_over: Literal["all", "present"] = field(default="all", metadata={
         "help": "Proxy-Anchor's positive term averaged over all classes (the code) or those in the batch (paper)"})
     bitfit: bool = field(default=True, metadata={"help": "train every bias of the backbone too (the paper's)"})
-    lr: float = field(default=1e-3, metadata={"help": "vk.fit's learning rate unless one is given (the paper's SGD "
-                                                      "lr 1e-3, here with AdamW)"})
-    weight_decay: float = field(default=1e-6, metadata={"help": "vk.fit's weight decay unless one is given "
-                                                                "(the paper's)"})
+    lr: float = field(default=1e-3, metadata={"help": "vk.fit's learning rate unless one is given; from the paper's "
+                                                      "config (SGD lr 1e-3; here AdamW)"})
+    weight_decay: float = field(default=1e-6, metadata={"help": "vk.fit's weight decay unless one is given; from "
+                                                                "the paper's config"})
 
     def __post_init__(self):
         for name in ("num_prompts", "proxy_prompts"):

@@ -33,7 +33,6 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -57,11 +56,11 @@ class Config:
                 "default: VPT-deep, the paper's module"})
     source: str = field(default="", metadata={"help": "informational: the folder the modules were initialised "
                                                       "from (filled in by apply)"})
-    lr: Optional[float] = field(default=None, metadata={
-        "help": "vk.fit's learning rate unless one is given; None: the lowest lr of the chain's methods (their "
-                "Configs state their papers' values)"})
-    weight_decay: Optional[float] = field(default=None, metadata={
-        "help": "vk.fit's AdamW weight decay unless one is given; None: that of the method giving the lr"})
+    lr: float = field(default=1e-3, metadata={
+        "help": "vk.fit's learning rate unless one is given; from vpt's Config (NOAH's VTAB-1k recipe for VPT, "
+                "PVP's module); the paper states none"})
+    weight_decay: float = field(default=1e-4, metadata={
+        "help": "vk.fit's AdamW weight decay unless one is given; from the same recipe"})
 
     def __post_init__(self):
         _parse_chain(self.chain)
@@ -154,22 +153,14 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
     record, start = applied(model), len(applied(model))
     for entry in chain:  # each sees the ones before (`earlier_trainable`); the lasting record is `chain`
         method = get(entry["name"])
-        model = method.apply(model, make_config(method, **entry.get("config", {})))
-        record.append(Applied(method.name, model.__dict__.pop("_vitkit_resolved_config", None)
-                              or make_config(method, **entry.get("config", {}))))
-    configs = [a.config for a in record[start:]]
+        method_cfg = make_config(method, **entry.get("config", {}))
+        model = method.apply(model, method_cfg)
+        record.append(Applied(method.name, model.__dict__.pop("_vitkit_resolved_config", method_cfg)))
     del record[start:]
     if saved is not None:
         _log.info("pvp: %d module tensors initialised from %s", _copy_modules(model, saved, folder), folder)
-    stated = sorted((c.lr, i) for i, c in enumerate(configs) if getattr(c, "lr", None) is not None)
-    lr = cfg.lr if cfg.lr is not None or not stated else stated[0][0]
-    weight_decay = cfg.weight_decay if cfg.weight_decay is not None or not stated else getattr(
-        configs[stated[0][1]], "weight_decay", None)
-    if lr is not None and weight_decay is None:
-        from vitkit.train.hparams import FALLBACK_WEIGHT_DECAY as weight_decay
     model.__dict__["_vitkit_resolved_config"] = dataclasses.replace(
-        cfg, init_from="", chain=json.dumps(chain), source=str(folder) if folder is not None else cfg.source,
-        lr=lr, weight_decay=weight_decay)
+        cfg, init_from="", chain=json.dumps(chain), source=str(folder) if folder is not None else cfg.source)
     return model
 
 
