@@ -107,6 +107,10 @@ def part_pvp(train, test, seeds, tmp):
                 accs.append(accuracy(model, target_test))
             rows[f"{k}-shot {init}"] = accs
             print(f"pvp {k}-shot {init}: {summary(accs)[0]}  seeds {[round(a, 3) for a in accs]}", flush=True)
+        gain = [a - b for a, b in zip(rows[f"{k}-shot pvp"], rows[f"{k}-shot plain init"])]  # same seed: paired
+        rows[f"{k}-shot gain"] = gain
+        print(f"pvp {k}-shot gain over plain init (paired by seed): {summary(gain)[0]}", flush=True)
+    print(f"pvp source accuracy (digits 0-4, 3 epochs): {source_acc:.3f}", flush=True)
     return {"source_acc_digits_0_4": source_acc, "rows": rows}
 
 
@@ -127,6 +131,9 @@ def part_hintaug(train, test, seeds, tmp):
                 accs.append(accuracy(model, target_test))
             rows[f"{k}-shot {name}"] = accs
             print(f"hint-aug {k}-shot {name}: {summary(accs)[0]}  seeds {[round(a, 3) for a in accs]}", flush=True)
+            if eps is not None:
+                gain = [a - b for a, b in zip(accs, rows[f"{k}-shot none"])]
+                print(f"hint-aug {k}-shot {name} gain over none (paired by seed): {summary(gain)[0]}", flush=True)
     return {"rows": rows}
 
 
