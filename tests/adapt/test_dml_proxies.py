@@ -3,6 +3,7 @@ class prompts at block 0, GRU memory, bias proxies) against a plain-torch oracle
 unit norms; retrieval metrics (Recall@K, MAP@R) against a hand-computed example, through vk.evaluate."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -177,3 +178,18 @@ def test_retrieval_uses_the_dml_embedding():
 def test_refuses_a_model_without_classes():
     with pytest.raises(ValueError, match="dml-proxies: the model has no classifier"):
         vk.adapt(make_variant("plain", num_classes=0), "dml-proxies")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    model = vk.adapt(make_variant("layerscale"), "dml-proxies", num_prompts=2, embed_dim=8)
+    other = copy.deepcopy(model)
+    other.set_grad_checkpointing(True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 1, 6, 6])
+    losses = []
+    for m in (model, other):
+        _, loss, _ = m.train()(x, y)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(model.vpt.prompts.grad, other.vpt.prompts.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.head.class_prompts.grad, other.head.class_prompts.grad, atol=1e-6, rtol=1e-5)
