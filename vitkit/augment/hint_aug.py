@@ -103,8 +103,8 @@ def _scores(maps, layer: int, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class _HintAug:
-    def __init__(self, cfg: Config, teacher: nn.Module, layer: int):
-        self.cfg, self.teacher, self.layer = cfg, teacher, layer
+    def __init__(self, cfg: Config, teacher: nn.Module, layer: int, data_config: dict):
+        self.cfg, self.teacher, self.layer, self.data_config = cfg, teacher, layer, data_config
         self.epoch, self.acc, self.acc_previous = 0, None, None
         self.samples = self.teacher_branch = 0
 
@@ -150,8 +150,7 @@ class _HintAug:
         mask = algo.patch_mask(index, grid, tuple(model.patch_embed.patch_size)).to(x.dtype)
         acc = self.acc_previous if self.acc_previous is not None else x.new_zeros(num_classes, num_classes)
         y_att = algo.confusion_targets(acc.to(x.device), y, cfg.temperature)
-        mean, std = (torch.tensor(model.pretrained_cfg.get(k, d), dtype=x.dtype, device=x.device)
-                     for k, d in (("mean", (0.5,) * 3), ("std", (0.5,) * 3)))
+        mean, std = (torch.tensor(self.data_config[k], dtype=x.dtype, device=x.device) for k in ("mean", "std"))
         x_aug = algo.cfi_step(lambda z: F.cross_entropy(model(z), y_att), x, mask, cfg.epsilon / std,
                               (0 - mean) / std, (1 - mean) / std, lr=cfg.step_lr)
         previous = mix.target_fn
@@ -173,9 +172,13 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
         _check_attention(model, layer % depth)
     except NotImplementedError as err:
         raise NotImplementedError(f"hint-aug: {err}") from None
+    data_config = getattr(model, "pretrained_cfg", None) or {}
+    if not all(len(data_config.get(k) or ()) == 3 for k in ("mean", "std")):
+        raise ValueError("hint-aug: ε is in pixel units and needs the model's normalisation, but its pretrained_cfg "
+                         "has no 3-channel `mean` / `std`; load it with vk.load(..., mean=..., std=...)")
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     teacher.__dict__.pop("_vitkit_augment", None)
-    attach(model, "hint-aug", _HintAug(cfg, teacher, layer % depth))
+    attach(model, "hint-aug", _HintAug(cfg, teacher, layer % depth, data_config))
     return model
 
 
