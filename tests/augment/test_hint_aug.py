@@ -85,6 +85,8 @@ def test_patch_choice_and_cfi_step_match_the_oracle(threshold, branch):
     assert (mix.images[2:] - x).abs().max() <= r + 1e-6
     with torch.no_grad():  # the step raises the CE against the confusion targets
         assert F.cross_entropy(model(mix.images[2:]), y_att) > F.cross_entropy(model(x + delta0 * mask), y_att)
+    hook.set_epoch(1)
+    assert hook.drift_rates == [(0, 1.0 if branch == "teacher" else 0.0)]
     soft = mix.target(10)
     assert torch.equal(soft[:2], F.one_hot(y, 10).float())
     torch.testing.assert_close(soft[2:].max(1).values, torch.full((2,), 0.9))

@@ -107,12 +107,14 @@ class _HintAug:
         self.cfg, self.teacher, self.layer, self.data_config = cfg, teacher, layer, data_config
         self.epoch, self.acc, self.acc_previous = 0, None, None
         self.samples = self.teacher_branch = 0
+        self.drift_rates: list[tuple[int, float]] = []  # (epoch, share of samples whose patches the drift chose)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by `vk.fit` before each epoch: the confusion of the finished epoch becomes the CFI's."""
         if epoch == self.epoch:
             return
         if self.samples:
+            self.drift_rates.append((self.epoch, self.teacher_branch / self.samples))
             _log.info("hint-aug: epoch %d: the teacher-student drift chose the patches of %.1f%% of %d samples",
                       self.epoch + 1, 100 * self.teacher_branch / self.samples, self.samples)
         self.epoch, self.acc_previous, self.acc = epoch, self.acc, None
