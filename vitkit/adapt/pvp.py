@@ -17,6 +17,9 @@ the same adaptation methods with the same configs (`chain`) to `model`, then cop
 chain trains (prompts, LoRA/adapter weights, BitFit biases) bit-exactly into it. The head is never transferred:
 `model` keeps its own (any class count). The source's backbone must be `model`'s (checked by the digests
 `vk.save` recorded; a different backbone is refused, naming the tensors that differ), module shapes must match.
+A source that is not a save folder or holds no adaptation method is refused before `model` changes; the checks
+that need the built modules (shapes, a whole-model save's backbone values) run after the chain was applied, so
+after such a refusal reload the model.
 The record on the model keeps the chain and drops `init_from`, so `vk.save` / `vk.load` of the downstream model
 need no source folder; with `chain` alone (no `init_from`) the modules start from their own initialisation:
 the plain-init baseline PVP is measured against. Composes with later methods as the chain's methods do.
