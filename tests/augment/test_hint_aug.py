@@ -134,3 +134,12 @@ def test_refuses_token_reduction_in_training():
     vk.accelerate(model, "tome", r=4)
     with pytest.raises(NotImplementedError, match="hint-aug: block 2 sees"):
         mix_batch(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+
+
+def test_student_equal_to_teacher_gives_zero_drift():
+    model = make_variant("registers")
+    vk.augment(model, "hint-aug", start_epoch=0, threshold=0.0)  # any drift > 0 would choose the teacher branch
+    hook = model.__dict__["_vitkit_augment"]["hint-aug"]
+    mix_batch(model, torch.rand(3, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2]))
+    hook.set_epoch(1)
+    assert hook.drift_rates == [(0, 0.0)]
