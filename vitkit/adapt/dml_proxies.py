@@ -5,8 +5,9 @@ Learning*, Ren et al., ICLR 2024, arXiv:2402.02340.
 
 Claim: a frozen ViT with VPT-deep prompts, BitFit and an embedding head, trained with Proxy-Anchor against class
 proxies that the ViT itself computes from class-specific prompts, matches or beats full-fine-tuning DML
-(CUB-200, Cars-196, SOP, In-Shop, iNaturalist Recall@1) with a small fraction of the parameters. vitkit's
-measurement (digits 0–4 train, 5–9 retrieved, against the frozen embedding) is in benchmarks/RESULTS.md.
+(CUB-200, Cars-196, SOP, In-Shop, iNaturalist Recall@1) with a small fraction of the parameters. Measured here
+(embedded ViT, digits 0–4 train, 5–9 retrieved, 3 seeds, benchmarks/RESULTS.md): Recall@1 0.819 ± 0.024 vs the
+frozen embedding's 0.870 (a linear embedding with the same loss: 0.892): not reached at that scale.
 
 Plugs in at: pattern 3 twice + BitFit. Image branch: VPT-deep prompts (`vitkit.adapt.vpt`, inserted after the
 prefix at every block), every bias trainable, the pooled feature (class token, or the average for no-class-token

@@ -4,8 +4,8 @@ Paper: *PVP: Pre-trained Visual Parameter-Efficient Tuning*, Song et al., 2023, 
 
 Claim: few-shot parameter-efficient tuning fails mainly because the modules start random; pre-training them on a
 labelled source task and initialising the downstream run from them gains +16.08 / +11.52 / +6.36 points mean
-accuracy at 1 / 2 / 4 shots on FGVC (ViT-B/16). vitkit's measurement (digits 0–4 → 5–9) is in
-benchmarks/RESULTS.md.
+accuracy at 1 / 2 / 4 shots on FGVC (ViT-B/16). Measured here (embedded ViT, digits 0–4 → 5–9, 5 seeds,
+benchmarks/RESULTS.md): +0.7 / +0.9 / −1.0 points, inside the seed spread: not reproduced at that scale.
 
 Plugs in at: no new module. The recipe is two `vk.fit` runs:
 
