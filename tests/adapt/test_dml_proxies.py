@@ -118,7 +118,8 @@ def test_ratio_one_is_plain_proxy_anchor():
         sim = e @ F.normalize(model.head.bias_proxies, dim=-1).T
     assert loss.item() == pytest.approx(proxy_anchor_oracle(sim.double().tolist(), y.tolist(), 32.0, 0.1, "all"),
                                         rel=1e-5)
-    assert model.head.memory.abs().sum() == 0  # no proxy branch ran
+    assert model.head.memory.abs().sum() == 0 and model.head.gru is None  # no proxy branch, none built
+    assert sum(p.numel() for p in model.head.parameters() if p.requires_grad) == 2 * 64 + 64 * 8 + 8 + 10 * 8
 
 
 def test_fit_trains_with_proxy_anchor(tmp_path):

@@ -93,10 +93,12 @@ class ProxyHead(nn.Module):
         e = cfg.embed_dim
         self.cfg = cfg
         self.embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, e))
-        self.proxy_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, e))
-        self.gru = nn.GRUCell(e, e)
-        v = math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))  # VPT's prompt init
-        self.class_prompts = nn.Parameter(torch.empty(num_classes, cfg.proxy_prompts, dim).uniform_(-v, v))
+        self.proxy_embed = self.gru = self.class_prompts = None  # proxy_bias_ratio = 1: no proxy branch
+        if cfg.proxy_bias_ratio < 1.0:
+            self.proxy_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, e))
+            self.gru = nn.GRUCell(e, e)
+            v = math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))  # VPT's prompt init
+            self.class_prompts = nn.Parameter(torch.empty(num_classes, cfg.proxy_prompts, dim).uniform_(-v, v))
         self.bias_proxies = nn.Parameter(nn.init.xavier_normal_(torch.empty(num_classes, e)) / 8)
         self.register_buffer("memory", torch.zeros(num_classes, e))
 
