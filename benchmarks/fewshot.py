@@ -137,15 +137,18 @@ def part_hintaug(train, test, seeds, tmp):
     return {"rows": rows}
 
 
-def part_dml(train, test, seeds, tmp):
+def part_dml(train, test, seeds, tmp, only=()):
     source, held_out = subset(*train, range(5)), subset(*test, range(5, 10))
     frozen = vk.evaluate(fresh(5, 0), held_out, protocol="retrieval")
     rows = {"frozen embedding": [frozen["recall@1"]]}
     maps = {"frozen embedding": [frozen["map@r"]]}
     print(f"dml frozen embedding: R@1 {frozen['recall@1']:.3f} MAP@R {frozen['map@r']:.3f}", flush=True)
     variants = {"linear embedding + Proxy-Anchor": dict(num_prompts=0, bitfit=False, proxy_bias_ratio=1.0),
-                "dml-proxies": {}}
+                "dml-proxies": {},
+                "semantic proxies without prompts or BitFit": dict(num_prompts=0, bitfit=False)}
     for name, cfg in variants.items():
+        if only and name not in only:
+            continue
         r1, mapr = [], []
         for seed in range(seeds):
             model = fresh(5, seed)
@@ -164,6 +167,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--part", default="pvp,hintaug,dml")
+    parser.add_argument("--dml-variants", default="linear embedding + Proxy-Anchor,dml-proxies",
+                        help="comma-separated rows of the dml part (also: semantic proxies without prompts or BitFit)")
     args = parser.parse_args(argv)
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     train, test = digits()
@@ -173,10 +178,12 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.part.split(","):
             start = time.perf_counter()
-            result = parts[name](train, test, args.seeds, Path(tmp) / name)
+            extra = {"only": args.dml_variants.split(",")} if name == "dml" else {}
+            result = parts[name](train, test, args.seeds, Path(tmp) / name, **extra)
             result["time_s"] = time.perf_counter() - start
             print(f"{name}: {result['time_s']:.0f} s", flush=True)
-            out = Path(__file__).parent / "results" / f"fewshot-{name}.json"
+            suffix = "-ablation" if name == "dml" and "semantic" in args.dml_variants else ""
+            out = Path(__file__).parent / "results" / f"fewshot-{name}{suffix}.json"
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps({**results, name: result}, indent=2))
             print(f"results: {out}")
