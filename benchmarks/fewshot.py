@@ -145,7 +145,8 @@ def part_dml(train, test, seeds, tmp, only=()):
     print(f"dml frozen embedding: R@1 {frozen['recall@1']:.3f} MAP@R {frozen['map@r']:.3f}", flush=True)
     variants = {"linear embedding + Proxy-Anchor": dict(num_prompts=0, bitfit=False, proxy_bias_ratio=1.0),
                 "dml-proxies": {},
-                "semantic proxies without prompts or BitFit": dict(num_prompts=0, bitfit=False)}
+                "semantic proxies without prompts or BitFit": dict(num_prompts=0, bitfit=False),
+                "dml-proxies at lr 1e-4": dict(lr=1e-4)}
     for name, cfg in variants.items():
         if only and name not in only:
             continue
@@ -153,7 +154,7 @@ def part_dml(train, test, seeds, tmp, only=()):
         for seed in range(seeds):
             model = fresh(5, seed)
             vk.adapt(model, "dml-proxies", **cfg)
-            fit(model, source, tmp / "run", epochs=5, lr=1e-3, seed=seed)
+            fit(model, source, tmp / "run", epochs=5, lr=None, seed=seed)  # the Config's lr (1e-3 by default)
             out = vk.evaluate(model, held_out, protocol="retrieval")
             r1.append(out["recall@1"])
             mapr.append(out["map@r"])
@@ -168,7 +169,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--part", default="pvp,hintaug,dml")
     parser.add_argument("--dml-variants", default="linear embedding + Proxy-Anchor,dml-proxies",
-                        help="comma-separated rows of the dml part (also: semantic proxies without prompts or BitFit)")
+                        help="comma-separated rows of the dml part (also: 'semantic proxies without prompts or BitFit', "
+                             "'dml-proxies at lr 1e-4')")
     args = parser.parse_args(argv)
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     train, test = digits()
@@ -182,7 +184,8 @@ def main(argv=None) -> None:
             result = parts[name](train, test, args.seeds, Path(tmp) / name, **extra)
             result["time_s"] = time.perf_counter() - start
             print(f"{name}: {result['time_s']:.0f} s", flush=True)
-            suffix = "-ablation" if name == "dml" and "semantic" in args.dml_variants else ""
+            default = parser.get_default("dml_variants")
+            suffix = "-" + args.dml_variants.replace(" ", "_") if name == "dml" and args.dml_variants != default else ""
             out = Path(__file__).parent / "results" / f"fewshot-{name}{suffix}.json"
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps({**results, name: result}, indent=2))
