@@ -309,15 +309,19 @@ def _features(model, data, cell: Cell):
 
 
 def retrieval_scores(gallery_f: torch.Tensor, gallery_y: torch.Tensor, query_f: torch.Tensor,
-                     query_y: torch.Tensor, ks=(1, 5)) -> dict:
+                     query_y: torch.Tensor, ks=(1, 5), exclude_self: bool = False) -> dict:
     """Recall@K (a same-class item among the K most cosine-similar gallery items) and MAP@R (R = the
-    gallery items of the query's class; mean over queries of (1/R) sum_{i<=R} precision@i * relevant_i)."""
+    gallery items of the query's class; mean over queries of (1/R) sum_{i<=R} precision@i * relevant_i).
+    `exclude_self`: the queries are the gallery (leave-one-out): query i never retrieves item i."""
     g = torch.nn.functional.normalize(gallery_f.float(), dim=1)
     q = torch.nn.functional.normalize(query_f.float(), dim=1)
-    order = (q @ g.T).argsort(dim=1, descending=True)
+    sim = q @ g.T
+    if exclude_self:
+        sim.fill_diagonal_(float("-inf"))
+    order = sim.argsort(dim=1, descending=True)[:, :sim.shape[1] - int(exclude_self)]  # self ranks last: dropped
     relevant = (gallery_y[order] == query_y[:, None]).float()  # (Q, G), by rank
     out = {f"recall@{k}": float(relevant[:, :k].amax(1).mean()) for k in ks}
-    r = (gallery_y[None, :] == query_y[:, None]).sum(1)  # (Q,)
+    r = (gallery_y[None, :] == query_y[:, None]).sum(1) - int(exclude_self)  # (Q,)
     ranks = torch.arange(1, relevant.shape[1] + 1, dtype=torch.float32)
     precision = relevant.cumsum(1) / ranks
     within = ranks[None, :] <= r[:, None]

@@ -227,7 +227,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     test = test.with_transform(tf)
     train = parts.get(args.train_part)
     train = train.with_transform(tf) if train is not None else None
-    needs = [p for p in args.protocol if p != "finetuned"]
+    needs = [p for p in args.protocol if p not in ("finetuned", "retrieval")]  # retrieval can go without (leave-one-out)
     if needs and train is None:
         how = ("pass --split, e.g. --split train=800,test=200" if not args.split else
                f"--train-part {args.train_part!r} is not a split part ({', '.join(parts)})")
@@ -244,7 +244,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     rows = ["| protocol | top-1 | top-5 | n |", "|---|---|---|---|"]
     for name, r in results.items():
         std = f" ± {r['top1_std']:.4f}" if "top1_std" in r else ""
-        rows.append(f"| {name} | {r['top1']:.4f}{std} | {r['top5']:.4f} | {r['n']} |")
+        top5 = f"{r['top5']:.4f}" if "top5" in r else f"MAP@R {r['map@r']:.4f}"  # retrieval: top-1 is Recall@1
+        rows.append(f"| {name} | {r['top1']:.4f}{std} | {top5} | {r['n']} |")
     atomic_write(out / "eval.md", lambda tmp: Path(tmp).write_text("\n".join(rows) + "\n"))
     print(f"results: {out / 'eval.json'} and {out / 'eval.md'}")
 
@@ -257,8 +258,9 @@ def _add_eval(sub) -> None:
     _model_args(p)
     _data_args(p, "eval", "test")
     p.add_argument("--train-part", default="train", help="split part used as probe / k-NN / few-shot reference")
-    p.add_argument("--protocol", action="append", choices=("finetuned", "linear", "knn", "fewshot"), default=[],
-                   help="protocol (repeatable; default finetuned)")
+    p.add_argument("--protocol", action="append", choices=("finetuned", "linear", "knn", "fewshot", "retrieval"),
+                   default=[], help="protocol (repeatable; default finetuned; retrieval: Recall@K and MAP@R against "
+                                    "the train part as gallery, or leave-one-out when there is none)")
     p.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]", help="apply a method first")
     p.add_argument("--k", type=int, default=20, help="k-NN neighbours")
     p.add_argument("--shots", type=int, default=5, help="few-shot support images per class")

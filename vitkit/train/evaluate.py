@@ -8,10 +8,16 @@ Protocols:
                 DINO (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision Transformers").
     fewshot     n-shot nearest prototype (mean of the n normalised support features per class, cosine), repeated
                 over several seeded support draws from `train`; mean and std of top-1.
+    retrieval   deep-metric-learning retrieval by cosine similarity: every image of `data` queries the others
+                (leave-one-out; usually classes held out from training), or the `train` gallery when given;
+                Recall@K (a same-class item among the K nearest) and MAP@R (Musgrave et al., 2020, "A Metric
+                Learning Reality Check"). Features: the head's embedding when the head has one
+                (`model.head.embed`, dml-proxies), else the pooled pre-logits.
 
 Features are `forward_head(forward_features(x), pre_logits=True)`: the pooled pre-logits of whatever methods
 are applied (prompts, adapters, token merging run in `forward_features`). Every protocol returns top-1,
-top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted).
+top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted), except retrieval
+(`recall@K`, `map@r`, `n`; `top1` is Recall@1).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import torch.nn as nn
 
 _log = logging.getLogger("vitkit")
 
-PROTOCOLS = ("finetuned", "linear", "knn", "fewshot")
+PROTOCOLS = ("finetuned", "linear", "knn", "fewshot", "retrieval")
 
 
 @torch.inference_mode()
@@ -106,7 +112,7 @@ def fewshot_scores(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.T
 
 def evaluate(model: nn.Module, data, protocol: str = "finetuned", *, train=None, k: int = 20,
              temperature: float = 0.07, shots: int = 5, seeds: int = 5, C: float = 1.0,
-             batch_size: int = 256) -> dict:
+             batch_size: int = 256, ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
     """Measure `model` on `data` with a standard protocol.
 
     Args:
@@ -117,6 +123,7 @@ def evaluate(model: nn.Module, data, protocol: str = "finetuned", *, train=None,
         k, temperature: k-NN neighbours and vote temperature (DINO: 20, 0.07).
         shots, seeds: few-shot support size per class and number of seeded draws.
         C: inverse L2 strength of the linear probe.
+        ks: the K of Recall@K (retrieval).
 
     Returns:
         dict with `protocol`, `top1`, `top5`, `per_class`, `confusion`, `n` (and for fewshot `top1_std`,
@@ -128,6 +135,8 @@ def evaluate(model: nn.Module, data, protocol: str = "finetuned", *, train=None,
     if protocol == "finetuned":
         scores, labels = features(model, data, batch_size=batch_size, logits=True)
         return {"protocol": protocol, **scores_report(scores, labels, scores.shape[1], classes)}
+    if protocol == "retrieval":
+        return retrieval(model, data, train=train, ks=ks, batch_size=batch_size)
     if train is None:
         raise ValueError(f"evaluate: protocol `{protocol}` needs labelled reference data: pass train=<dataset>")
     train_f, train_y = features(model, train, batch_size=batch_size)
@@ -156,8 +165,32 @@ def evaluate(model: nn.Module, data, protocol: str = "finetuned", *, train=None,
     return out
 
 
+def retrieval(model: nn.Module, data, *, train=None, ks=(1, 2, 4, 8), batch_size: int = 256) -> dict:
+    """Recall@K and MAP@R of `data` querying itself (leave-one-out) or the `train` gallery."""
+    from vitkit.bench.run import retrieval_scores
+
+    def embed(dataset):
+        f, y = features(model, dataset, batch_size=batch_size)
+        head_embed = getattr(getattr(model, "head", None), "embed", None)
+        if isinstance(head_embed, nn.Module):
+            with torch.inference_mode():
+                f = head_embed(f.to(next(head_embed.parameters()).device)).float().cpu()
+        return f, y
+
+    query_f, query_y = embed(data)
+    if len(query_y) < 2:
+        raise ValueError(f"evaluate: retrieval needs at least 2 images, got {len(query_y)}")
+    gallery_f, gallery_y = embed(train) if train is not None else (query_f, query_y)
+    scores = retrieval_scores(gallery_f, gallery_y, query_f, query_y, ks=tuple(ks), exclude_self=train is None)
+    return {"protocol": "retrieval", "gallery": "train" if train is not None else "leave-one-out", **scores,
+            "top1": scores[f"recall@{ks[0]}"], "n": len(query_y)}
+
+
 def format_report(result: dict) -> str:
-    """One human line: protocol, top-1 (± std), top-5, n."""
+    """One human line: protocol, top-1 (± std), top-5, n (retrieval: Recall@K and MAP@R)."""
+    if result["protocol"] == "retrieval":
+        recalls = "  ".join(f"R@{k.split('@')[1]} {v:.4f}" for k, v in result.items() if k.startswith("recall@"))
+        return f"retrieval: {recalls}  MAP@R {result['map@r']:.4f}  (n={result['n']})"
     std = f" ± {result['top1_std']:.4f}" if "top1_std" in result else ""
     return (f"{result['protocol']}: top-1 {result['top1']:.4f}{std}  top-5 {result['top5']:.4f}  "
             f"(n={result['n']})")

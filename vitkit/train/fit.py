@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitkit.augment import mix_batch
+from vitkit.augment._common import attached
 from vitkit.io import atomic_torch_save, atomic_write
 
 from .hparams import ResumeMismatchError, changed_settings, default_hparams, method_chain
@@ -256,6 +257,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
             order = epoch_order(len(train), seed, epoch, rank, world)
             if hasattr(train, "set_epoch"):  # a dataset whose samples depend on the epoch (vk.distill's logit cache)
                 train.set_epoch(epoch)
+            for augmentation in attached(model).values():  # augmentations that depend on the epoch (hint-aug)
+                getattr(augmentation, "set_epoch", lambda e: None)(epoch)
             loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
             stat_sums: dict[str, float] = {}  # an objective's per-batch statistics, summed over images
             for i, (images, targets, *extras) in enumerate(loader(train, order)):  # extras: e.g. ForAug's masks
@@ -277,7 +280,7 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     else:
                         with mix.forward():  # vitkit.augment: mixed images, hooks live for this forward only
                             logits = ddp_model(mix.images)  # (B, classes)
-                        loss, labels = criterion(logits.float(), mix.target(logits.shape[-1])), targets  # labels or soft targets
+                        loss, labels = criterion(logits.float(), mix.target(logits.shape[-1])), mix.labels  # labels or soft targets
                     for extra in extra_losses:
                         loss = loss + extra(model, images, logits, targets)
                 finite = bool(torch.isfinite(loss))
@@ -306,10 +309,11 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     step += 1
                     if objective is not None:
                         objective.after_step(step, total)
-                loss_sum += loss.item() * len(images)
+                n = len(labels) if labels is not None else len(images)  # an augmentation may add images (hint-aug)
+                loss_sum += loss.item() * n
                 if logits is not None and labels is not None:
                     correct += (logits.argmax(-1) == labels).sum().item()
-                seen += len(images)
+                seen += n
                 speed = seen * world / (time.perf_counter() - t0)
                 acc = f"acc {correct / seen:.3f} " if objective is None else ""
                 bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} {acc}{speed:.0f} img/s "
