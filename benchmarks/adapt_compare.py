@@ -2,7 +2,7 @@
 
 The task: vitkit's embedded CIFAR ViT (`vitkit/vit-tiny-cifar`, 0.81 M parameters, 32 px) with a fresh 10-class
 head, adapted to scikit-learn's digits (1,797 8x8 images, shuffled with seed 0, upsampled to 32x32, 3 channels,
-mean = std = 0.5): 1,000 training and 500 held-out images, `vk.fit` (AdamW, cosine, no warmup, batch 50) with
+mean = std = 0.5): 1,000 training and 500 held-out images (`--train`, `--test`), `vk.fit` (AdamW, cosine, no warmup, batch 50) with
 each method's own lr and weight decay (its Config). Methods come from the registry, so every method a later branch
 registers appears here. Methods that need other data (a source task, a retrieval split) are skipped with the reason.
 
@@ -69,12 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train", type=int, default=1000, help="training images")
+    parser.add_argument("--test", type=int, default=500, help="held-out images")
     parser.add_argument("--methods", nargs="*", help="only these (default: every registered adapt method)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train, test = digits()
+    train, test = digits(args.train, args.test)
     names = args.methods or [m.name for m in vk.methods("adapt")]
-    print(f"embedded CIFAR ViT -> digits (1,000 train / 500 held-out), {args.epochs} epochs, batch 50, seeds "
+    print(f"embedded CIFAR ViT -> digits ({args.train:,} train / {args.test:,} held-out), {args.epochs} epochs, batch 50, seeds "
           f"0..{args.seeds - 1}, each method's default lr; torch threads 1\n")
     print("| method | held-out top-1 (mean ± std) | trainable (with head) | lr (its Config) | train time / run |")
     print("|---|---|---|---|---|")

@@ -151,3 +151,18 @@ def test_refusals():
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="hst: `dims` and `heads` need 4 entries"):
         vk.adapt(make_variant("plain"), "hst", dims=(32, 64))
+
+
+def test_composes_with_vpt_deep_in_either_order(images):
+    """The meta-register lives inside one block only, so VPT-deep's per-layer prompts keep their positions: both
+    orders compute the same function with the same tensors, and it differs from HST alone."""
+    first = vk.adapt(vk.adapt(make_variant("registers"), "vpt", num_prompts=3, deep=True), "hst")
+    second = vk.adapt(vk.adapt(make_variant("registers"), "hst"), "vpt", num_prompts=3, deep=True)
+    alone = vk.adapt(make_variant("registers"), "hst")
+    randomize(first)
+    second.load_state_dict(first.state_dict())
+    alone.load_state_dict({k: v for k, v in first.state_dict().items() if not k.startswith("vpt.")})
+    with torch.no_grad():
+        out = first(images)
+        torch.testing.assert_close(second(images), out, atol=1e-5, rtol=1e-5)
+        assert (alone(images) - out).abs().max() > 1e-3

@@ -157,12 +157,13 @@ def test_bad_config(kwargs, match):
         vk.adapt(make_variant("plain"), "pego", **kwargs)
 
 
-def test_refuses_twice_and_after_lora():
+def test_refuses_twice_and_a_wrapped_qkv():
     model = make_variant("plain")
     vk.adapt(model, "pego")
     with pytest.raises(ValueError, match="pego: already applied"):
         vk.adapt(model, "pego")
-    other = vk.adapt(make_variant("plain"), "lora")
-    with pytest.raises(ValueError, match="not a Linear"):
+    other = make_variant("plain")
+    other.blocks[2].attn.qkv = torch.nn.Sequential(other.blocks[2].attn.qkv)  # as another method's wrapper would
+    with pytest.raises(ValueError, match="blocks.2.attn.qkv is a Sequential, not a Linear"):
         vk.adapt(other, "pego")
     assert copy.deepcopy(model) is not None  # the loss term (a partial of a module function) deep-copies

@@ -8,7 +8,7 @@ Claim: with 0.78 M trainable parameters on ViT-B/16, the side network beats othe
 box AP, above full fine-tuning).
 
 Plugs in at: pattern 3 + taps. The block runner's `before_block` inserts layer `l`'s meta-register `m_l` (Xavier
-init) after the prefix tokens (and earlier methods' prompts; no position embedding); `after_block` takes its
+init) right after the class token and registers (no position embedding); `after_block` takes its
 output `r_l` and the patch map `F_l` (B, D, gh, gw), drops the meta-register again, and runs side block `l` on
 them (`hst_layer.Stage.step`): cross-attention from the side tokens to `[LN(T(r_l)), mean(T(F_l))]`, then
 `+= T(bilinear_resize(F_l))`, then an MLP. Stage `s` reads 4 contiguous, as-even-as-possible groups of layers
@@ -64,7 +64,9 @@ class Config:
 
 def _capture_image(model: nn.Module, module: nn.Module, args: tuple) -> None:
     """Pre-hook on `patch_embed`: the stem reads the image the ViT embeds in this call."""
-    get_runner(model).state.extra["hst"] = {"image": args[0]}
+    state = get_runner(model).state
+    if state is not None:  # None: patch_embed called on its own, outside any forward of the model
+        state.extra["hst"] = {"image": args[0]}
 
 
 def _before_block(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
@@ -72,8 +74,9 @@ def _before_block(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
     if state.sizes is not None or state.source is not None:
         raise ValueError("hst: tokens were merged or dropped before this block (token reduction or patch dropout); "
                          "the side network needs every patch of the grid: remove that method or patch_drop_rate")
-    pos, meta = state.num_prefix_tokens, ctx.model.hst.meta[ctx.index]  # (1, D)
-    state.extra["hst"] = {**state.extra["hst"], "pos": pos}
+    # right after the class token / registers, before other methods' prompts: removed again after this block,
+    # so between blocks the sequence is exactly what it would be without HST (VPT-deep's positions hold)
+    pos, meta = state.layout.num_prefix_tokens, ctx.model.hst.meta[ctx.index]  # (1, D)
     state.num_prompts += 1
     return torch.cat([x[:, :pos], meta.to(x.dtype).expand(x.shape[0], -1, -1), x[:, pos:]], dim=1)
 
@@ -82,7 +85,7 @@ def _after_block(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
     state: TokenState = ctx.state
     side: SideNetwork = ctx.model.hst
     hst = state.extra["hst"]
-    pos = hst["pos"]
+    pos = state.layout.num_prefix_tokens
     meta, x = x[:, pos], torch.cat([x[:, :pos], x[:, pos + 1:]], dim=1)  # (B, D); the meta-register leaves
     state.num_prompts -= 1
     (gh, gw), b = state.grid, x.shape[0]

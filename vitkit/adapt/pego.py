@@ -71,7 +71,7 @@ class PEGOQKV(nn.Module):
         if base_layer.out_features % 3:
             raise ValueError(f"pego: a fused qkv Linear needs out_features divisible by 3, got "
                              f"{base_layer.out_features}")
-        self.base_layer, self.merged = base_layer, False
+        self.base_layer = base_layer
         self.attn_dim = base_layer.out_features // 3
         kw = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         for s in ("q", "v"):
@@ -88,14 +88,12 @@ class PEGOQKV(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged:
-            return y
         dq = algo.group_apply(x, self.lora_A_q, self.lora_B_q)
         dv = algo.group_apply(x, self.lora_A_v, self.lora_B_v)
         return y + torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
 
     def orthogonality(self) -> torch.Tensor:
-        """This layer's share of the regulariser (unweighted), against the unmerged frozen rows."""
+        """This layer's share of the regulariser (unweighted)."""
         return sum(algo.orthogonality(self.rows(s).detach(), getattr(self, f"lora_A_{s}"),
                                       getattr(self, f"lora_B_{s}")) for s in ("q", "v"))
 
@@ -123,9 +121,7 @@ def orthogonality_loss(model: nn.Module) -> torch.Tensor:
 
 
 def _loss_term(model: nn.Module, images, logits, targets, *, weight: float) -> torch.Tensor:
-    """The `add_loss` term: `λ·orthogonality_loss(model)` (0 once merged: nothing left to regularise)."""
-    if not layers(model) or all(layer.merged for layer in layers(model)):
-        return logits.new_zeros(())
+    """The `add_loss` term: `λ·orthogonality_loss(model)` (`merge` removes it)."""
     return weight * orthogonality_loss(model).to(logits.dtype)
 
 
