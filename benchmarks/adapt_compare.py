@@ -2,8 +2,8 @@
 
 The task: vitkit's embedded CIFAR ViT (`vitkit/vit-tiny-cifar`, 0.81 M parameters, 32 px) with a fresh 10-class
 head, adapted to scikit-learn's digits (1,797 8x8 images, shuffled with seed 0, upsampled to 32x32, 3 channels,
-mean = std = 0.5): 1,000 training and 500 held-out images (`--train`, `--test`), `vk.fit` (AdamW, cosine, no warmup, batch 50) with
-each method's own lr and weight decay (its Config). Methods come from the registry, so every method a later branch
+mean = std = 0.5): 1,000 training and 500 held-out images (`--train`, `--test`), `vk.fit` (AdamW, cosine, no
+warmup, batch 50) with each method's own lr and weight decay (its Config). Methods come from the registry, so every method a later branch
 registers appears here. Methods that need other data (a source task, a retrieval split) are skipped with the reason.
 
     OMP_NUM_THREADS=1 nice python benchmarks/adapt_compare.py --epochs 3 --seeds 3
@@ -76,8 +76,8 @@ def main() -> None:
     torch.set_num_threads(1)
     train, test = digits(args.train, args.test)
     names = args.methods or [m.name for m in vk.methods("adapt")]
-    print(f"embedded CIFAR ViT -> digits ({args.train:,} train / {args.test:,} held-out), {args.epochs} epochs, batch 50, seeds "
-          f"0..{args.seeds - 1}, each method's default lr; torch threads 1\n")
+    print(f"embedded CIFAR ViT -> digits ({args.train:,} train / {args.test:,} held-out), {args.epochs} epochs, "
+          f"batch 50, seeds 0..{args.seeds - 1}, each method's default lr; torch threads 1\n")
     print("| method | held-out top-1 (mean ± std) | trainable (with head) | lr (its Config) | train time / run |")
     print("|---|---|---|---|---|")
     for name in names:

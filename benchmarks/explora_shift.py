@@ -6,7 +6,8 @@ the embedded model's CIFAR pre-training. Per seed, the digits are split per clas
 (phase 1, labels ignored), `--probe` labelled images (the probes' training set) and `--test` images, all inverted.
 Arms, all from the embedded CIFAR ViT (`vitkit/vit-tiny-cifar`):
 * `untouched`: no phase 1;
-* `explora`: `vk.adapt(model, "explora", rank=--rank)` (last block, every norm), `vk.pretrain(..., objective="mae")`, `explora.merge`;
+* `explora`: `vk.adapt(model, "explora", rank=--rank)` (last block, every norm), `vk.pretrain(..., objective="mae")`,
+  `explora.merge`;
 * `full mae`: the same `vk.pretrain` on the whole backbone (at MAE's `backbone_lr`), the reference the paper beats.
 Measured: linear-probe and k-NN top-1 of the frozen features (`vk.evaluate`), mean ± std (population) over seeds.
 

@@ -42,7 +42,8 @@ def _run_explora(args: argparse.Namespace) -> None:
     fit = result["finetune"]
     print(json.dumps({"run_dir": str(out), "pretrain_last": result["pretrain"][-1] if result["pretrain"] else None,
                       "finetune_last": fit.history[-1] if fit.history else None, "best": fit.best}, indent=2))
-    print(f"results: {out / 'pretrain'} (phase 1), {out / 'finetune'} (phase 2; the model: {out / 'finetune' / 'model'})")
+    print(f"results: {out / 'pretrain'} (phase 1), {out / 'finetune'} (phase 2; the model: "
+          f"{out / 'finetune' / 'model'})")
 
 
 def add_commands(sub) -> None:

@@ -15,9 +15,10 @@ them (`hst_layer.Stage.step`): cross-attention from the side tokens to `[LN(T(r_
 (ViT-B: (0-2, 3-5, 6-8, 9-11)); the stem reads the image (a pre-hook on `patch_embed`). Dims (32, 48, 64, 72),
 heads (2, 4, 8, 12): grids 1/4, 1/8, 1/16, 1/32 of the input. The classification read-out (`forward_head`) is
 mean → `BatchNorm1d(affine=False)` → `head` (a new `Linear(72, classes)`), so `pre_logits` features have 72
-channels (`model.num_features`). `forward_dense(model, x)` returns the four maps. Fused SDPA is kept; gradients
-pass through the frozen ViT (not memory-light). Trainable: side network, meta-registers, bridges, head and every
-LayerNorm of the ViT.
+channels (`model.num_features`); it reads the side features of this thread's latest forward of the model, so
+call it right after `forward_features`. `forward_dense(model, x)` returns the four maps. Fused SDPA is kept;
+gradients pass through the frozen ViT (not memory-light). Trainable: side network, meta-registers, bridges, head
+and every LayerNorm of the ViT.
 
 Hand-written here, and why: no library has a side network on timm ViTs; the reference (AFeng-x/HST, no licence)
 pins timm 0.6.5, assumes one class token and has no dense-prediction code. The side network is
@@ -100,8 +101,9 @@ def _after_block(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         y = side.stem(hst["image"].to(fmap.dtype)) if s == 0 else side.downsamples[s - 1](y)
     y = side.stages[s].step(j, y, meta, fmap)
     done = j == len(side.groups[s]) - 1
-    state.extra["hst"] = {**hst, "x": y, "features": hst.get("features", []) + ([y] if done else [])}  # replaced,
-    return x  # never modified in place: a checkpointed block's snapshot stays exact
+    # a new dict and list, never changed in place: a checkpointed block's snapshot of the state stays exact
+    state.extra["hst"] = {**hst, "x": y, "features": hst.get("features", []) + ([y] if done else [])}
+    return x
 
 
 def _features(model: nn.Module, batch: int) -> list[torch.Tensor]:
