@@ -52,10 +52,11 @@ class Config:
     train_head: bool = field(default=True, metadata={
         "help": "train the classification head when this model is fine-tuned as it is (vk.pretrain never "
                 "trains it)"})
-    lr: float = field(default=1e-3, metadata={"help": "vk.fit's learning rate unless one is given (LoRA's "
-                                                     "VTAB-1k rate; vk.pretrain uses its objective's lr and "
-                                                     "backbone_lr instead)"})
-    weight_decay: float = field(default=1e-4, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
+    lr: float = field(default=1e-3, metadata={"help": "vk.fit's learning rate unless one is given; from LoRA's "
+                                                     "VTAB-1k recipe (the paper fine-tunes with LoRA; vk.pretrain "
+                                                     "uses its objective's lr and backbone_lr instead)"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "vk.fit's AdamW weight decay unless one is given; "
+                                                                "from the same recipe"})
 
     def __post_init__(self):
         if self.rank < 1:

@@ -48,10 +48,10 @@ class Config:
     mlp_ratio: float = field(default=4.0, metadata={"help": "side-block MLP hidden width / stage width"})
     train_norms: bool = field(default=True, metadata={"help": "train every LayerNorm of the ViT (the paper does)"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head (on the side features)"})
-    lr: float = field(default=1e-2, metadata={"help": "vk.fit's learning rate unless one is given (paper, VTAB-1k: "
-                                                     "AdamW 1e-2, batch 32, 100 epochs)"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "vk.fit's weight decay unless one is given "
-                                                                "(paper: 5e-4)"})
+    lr: float = field(default=1e-2, metadata={"help": "vk.fit's learning rate unless one is given; from the paper's "
+                                                     "VTAB-1k recipe (AdamW 1e-2, batch 32, 100 epochs)"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "vk.fit's weight decay unless one is given; from "
+                                                                "the paper (5e-4)"})
 
     def __post_init__(self):
         if len(self.dims) != 4 or len(self.heads) != 4:
