@@ -56,7 +56,7 @@ def test_default_shapes_and_record(name, variant_name, images):
     assert [a.name for a in vk.applied(model)] == [name]
     with torch.no_grad():
         assert model(images).shape == (2, 10)
-        assert model.forward_head(model.forward_features(images), pre_logits=True).shape == (2, model.embed_dim)
+        assert model.forward_head(model.forward_features(images), pre_logits=True).shape == (2, model.num_features)
 
 
 @pytest.mark.parametrize("name,variant_name", CASES)

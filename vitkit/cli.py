@@ -15,7 +15,8 @@ import sys
 
 COMMAND_MODULES = ("vitkit.train.commands", "vitkit.bench.commands", "vitkit.explain.commands",
                    "vitkit.robust.commands", "vitkit.distill.commands",
-                   "vitkit.compress._commands", "vitkit.pretrain.commands")
+                   "vitkit.compress._commands", "vitkit.pretrain.commands",
+                   "vitkit.adapt._commands")
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
