@@ -114,5 +114,6 @@ def token_layout(model: nn.Module) -> TokenLayout:
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
         embed_dim=int(model.embed_dim),
         # the first convolution, so that a method wrapping `patch_embed.proj` (SSF) does not hide it
-        in_chans=next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels,
+        in_chans=getattr(pe, "in_chans", None)  # token embeddings of input adapters (models/inflate.py) say it
+        or next(m for m in pe.modules() if isinstance(m, nn.Conv2d)).in_channels,
     )
