@@ -67,6 +67,7 @@ class PairTokens(nn.Module):
         return (2 * x.shape[2] // ph, x.shape[3] // pw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # -> (B, 2, gh, gw, D)
+        self.token_grid(x)  # checks the input (timm's own forward, without the block runner, skips embed's check)
         a, b = x.chunk(2, dim=1)
         return torch.stack([self.norm(self.proj(a).permute(0, 2, 3, 1)),
                             self.norm(self.proj(b).permute(0, 2, 3, 1))], dim=1)
