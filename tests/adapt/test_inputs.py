@@ -222,3 +222,51 @@ def test_paired_token_streams_match_oracle(tmp_path):
     round_trip(model, tmp_path, pair)
     with pytest.raises(ValueError, match="paired: expected image pairs \\(B, 6, H, W\\)"):
         model(torch.randn(1, 3, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------------------- video
+
+def tubelet_tokens(sd: dict, clip: torch.Tensor, kernel2d: torch.Tensor, t: int, init: str) -> torch.Tensor:
+    """(B, T'·N, D) tubelet tokens as sums of 2-D convolutions of single frames with the spec's kernels."""
+    per_frame = [kernel2d / t] * t if init == "replicate" else [kernel2d if k == t // 2 else 0 * kernel2d
+                                                                 for k in range(t)]
+    slots = []
+    for s in range(clip.shape[2] // t):
+        y = sum(F.conv2d(clip[:, :, s * t + k], per_frame[k], stride=kernel2d.shape[-1]) for k in range(t))
+        slots.append((y + sd["patch_embed.proj.bias"][:, None, None]).flatten(2).transpose(1, 2))
+    return torch.stack(slots, 1)  # (B, T', N, D)
+
+
+@pytest.mark.parametrize("init", ["replicate", "centre"])
+def test_video_tubelets_match_oracle(init, tmp_path):
+    model = make_variant("plain", seed=10)
+    sd = state(model)
+    vk.adapt(model, "video", num_frames=6, tubelet=3, init=init)
+    with torch.no_grad():
+        model.patch_embed.time_embed.normal_(0, 0.5)  # as if trained: each time slot its own position
+    time = model.patch_embed.time_embed.detach()
+    clip = torch.randn(2, 3, 6, 32, 32)  # moving content: the frames differ
+    tokens = tubelet_tokens(sd, clip, sd["patch_embed.proj.weight"], 3, init)
+    tokens = (tokens + sd["pos_embed"][:, None, 1:] + time[:, :, None]).flatten(1, 2)
+    cls = (sd["cls_token"] + sd["pos_embed"][:, :1]).expand(2, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(clip), blocks(sd, torch.cat([cls, tokens], 1), 1), atol=1e-4, rtol=1e-4)
+    assert vk.token_layout(model).grid_size == (16, 8)
+    round_trip(model, tmp_path, clip)
+
+
+def test_video_static_clip_equals_image_model():
+    """Replicated tubelets on a static clip: one time slot = the 2-D model (class token); four time slots = the
+    2-D model when no prefix token sees itself once among copies (average pooling)."""
+    image = torch.randn(2, 3, 32, 32)
+    for variant, frames in (("registers", 2), ("no_cls_avg", 8)):
+        model = make_variant(variant, seed=11)
+        reference = copy.deepcopy(model)
+        vk.adapt(model, "video", num_frames=frames, tubelet=2)
+        clip = image.unsqueeze(2).expand(-1, -1, frames, -1, -1)
+        with torch.no_grad():
+            torch.testing.assert_close(model(clip), reference(image), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="video: expected clips \\(B, 3, T, H, W\\)"):
+        model(image)
+    with pytest.raises(ValueError, match="video: `num_frames` \\(5\\) must be a positive multiple"):
+        vk.adapt(make_variant("plain"), "video", num_frames=5)
