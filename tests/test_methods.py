@@ -32,7 +32,7 @@ INPUTS = {
     "spectrogram": lambda x, m: x.mean(1, keepdim=True),
     "paired": lambda x, m: torch.cat([x, torch.zeros_like(x)], 1),
     "video": lambda x, m: x.unsqueeze(2).expand(-1, -1, m.patch_embed.num_frames, -1, -1),
-    "points": lambda x, m: x.flatten(1)[:, :m.patch_embed.num_points * 3].reshape(x.shape[0], -1, 3),
+    "points": lambda x, m: x.flatten(1)[:, :3 * 256].reshape(x.shape[0], 256, 3),
 }
 
 

@@ -270,3 +270,61 @@ def test_video_static_clip_equals_image_model():
         model(image)
     with pytest.raises(ValueError, match="video: `num_frames` \\(5\\) must be a positive multiple"):
         vk.adapt(make_variant("plain"), "video", num_frames=5)
+
+
+# ------------------------------------------------------------------------------------------------------ points
+
+def point_tokens_oracle(tok, sd: dict, cloud: torch.Tensor, g: int, k: int, views: int) -> torch.Tensor:
+    """One cloud (N, 3) -> (G, D) tokens + projected positions, with loops over points (spec: FPS from the point
+    farthest from the centroid, kNN, shared MLP + max, yaw i·π/V at 30° pitch, bilinear, border, mean of views)."""
+    p = cloud - cloud.mean(0)
+    p = p / p.norm(dim=1).max()
+    chosen = [int(p.norm(dim=1).argmax())]
+    while len(chosen) < g:
+        d = torch.stack([(p - p[c]).norm(dim=1) for c in chosen]).min(0).values
+        chosen.append(int(d.argmax()))
+    centres = p[chosen]
+    pos_grid = sd["pos_embed"][0, 1:].reshape(8, 8, -1)  # (gh, gw, D)
+    tokens = []
+    for c in centres:
+        near = (p - c).norm(dim=1).argsort()[:k]
+        f = tok.mlp1(p[near] - c)
+        f = torch.cat([f, f.max(0).values.expand_as(f)], 1)
+        token = tok.mlp2(f).max(0).values
+        pos = 0
+        for i in range(views):
+            a, e = math.pi * i / views, math.radians(30)
+            x1, y1, z1 = c[0] * math.cos(a) - c[1] * math.sin(a), c[0] * math.sin(a) + c[1] * math.cos(a), c[2]
+            u, v = x1, y1 * math.cos(e) - z1 * math.sin(e)
+            px = min(max(((u + 1) * 8 - 1) / 2, 0), 7)
+            py = min(max(((v + 1) * 8 - 1) / 2, 0), 7)
+            x0, y0 = int(math.floor(px)), int(math.floor(py))
+            x1_, y1_ = min(x0 + 1, 7), min(y0 + 1, 7)
+            fx, fy = px - x0, py - y0
+            pos = pos + ((1 - fx) * (1 - fy) * pos_grid[y0, x0] + fx * (1 - fy) * pos_grid[y0, x1_]
+                         + (1 - fx) * fy * pos_grid[y1_, x0] + fx * fy * pos_grid[y1_, x1_])
+        tokens.append(token + pos / views)
+    return torch.stack(tokens)
+
+
+def test_points_match_oracle_and_are_permutation_invariant(tmp_path):
+    model = make_variant("plain", seed=12)
+    sd = state(model)
+    vk.adapt(model, "points", num_groups=16, group_size=8, views=3, hidden=32)
+    torch.manual_seed(0)
+    clouds = torch.randn(2, 200, 3) * torch.tensor([2.0, 1.0, 0.5]) + 3.0  # off-centre, anisotropic
+    tok = model.patch_embed
+    with torch.no_grad():
+        tokens = torch.stack([point_tokens_oracle(tok, sd, c, 16, 8, 3) for c in clouds])
+        cls = (sd["cls_token"] + sd["pos_embed"][:, :1]).expand(2, -1, -1)
+        expected = blocks(sd, torch.cat([cls, tokens], 1), 1)
+        torch.testing.assert_close(model(clouds), expected, atol=1e-4, rtol=1e-4)
+        shuffled = clouds[:, torch.randperm(200)]
+        torch.testing.assert_close(model(shuffled), model(clouds), atol=1e-5, rtol=1e-5)
+    assert {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("patch_embed")} \
+        == {"mlp1", "mlp2"}
+    assert not model.pos_embed.requires_grad
+    perturb_trainable(model)
+    round_trip(model, tmp_path, clouds)
+    with pytest.raises(ValueError, match="points: expected point clouds \\(B, N, 3\\) with N >= 16"):
+        model(torch.randn(1, 10, 3))

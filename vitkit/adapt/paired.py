@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from vitkit.models.inflate import check_frames, grid_pos_at, input_conv, install_embed, replace_input_conv
+from vitkit.models.inflate import check_ndim, grid_pos_at, input_conv, install_embed, replace_input_conv
 from vitkit.registry import register
 
 from ._common import earlier_trainable, freeze_except
@@ -59,7 +59,7 @@ class PairTokens(nn.Module):
         self.segment = nn.Parameter(torch.randn(2, self.proj.out_channels) * 0.02)
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
-        check_frames(x, 4, f"image pairs (B, {self.in_chans}, H, W)", "paired")
+        check_ndim(x, 4, f"image pairs (B, {self.in_chans}, H, W)", "paired")
         ph, pw = self.patch_size
         if x.shape[1] != self.in_chans or x.shape[2] % ph or x.shape[3] % pw:
             raise ValueError(f"paired: expected image pairs (B, {self.in_chans}, H, W) with H, W multiples of "

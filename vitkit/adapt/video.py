@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from vitkit.models.inflate import check_frames, grid_pos_at, input_conv, install_embed
+from vitkit.models.inflate import check_ndim, grid_pos_at, input_conv, install_embed
 from vitkit.registry import register
 
 from ._common import earlier_trainable, freeze_except
@@ -85,7 +85,7 @@ class Tubelets(nn.Module):
         self.img_size = (slots * gh * ph, gw * pw)
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
-        check_frames(x, 5, f"clips (B, {self.in_chans}, T, H, W)", "video")
+        check_ndim(x, 5, f"clips (B, {self.in_chans}, T, H, W)", "video")
         _, c, frames, h, w = x.shape
         (ph, pw), t = self.patch_size, self.tubelet
         if c != self.in_chans or frames % t or frames > self.num_frames or h % ph or w % pw:

@@ -159,6 +159,6 @@ def grid_pos_at(model: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
     return resample_abs_pos_embed(flat, list(grid), old_size=list(pos.shape[-2:]), num_prefix_tokens=0)
 
 
-def check_frames(x: torch.Tensor, ndim: int, what: str, method: str) -> None:
+def check_ndim(x: torch.Tensor, ndim: int, what: str, method: str) -> None:
     if x.ndim != ndim:
         raise ValueError(f"{method}: expected {what}, got a tensor of shape {tuple(x.shape)}")
