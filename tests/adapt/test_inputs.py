@@ -328,3 +328,36 @@ def test_points_match_oracle_and_are_permutation_invariant(tmp_path):
     round_trip(model, tmp_path, clouds)
     with pytest.raises(ValueError, match="points: expected point clouds \\(B, N, 3\\) with N >= 16"):
         model(torch.randn(1, 10, 3))
+
+
+# ------------------------------------------------------------------------------------------------- composition
+
+ADAPTERS = [
+    pytest.param("channels", dict(bands=BANDS, rgb=("B04", "B03", "B02")), lambda: torch.randn(2, 5, 32, 32),
+                 id="channels"),
+    pytest.param("spectrogram", dict(img_size=(16, 48)), lambda: torch.randn(2, 1, 16, 48), id="spectrogram"),
+    pytest.param("paired", dict(mode="tokens"), lambda: torch.randn(2, 6, 32, 32), id="paired-tokens"),
+    pytest.param("video", dict(num_frames=4), lambda: torch.randn(2, 3, 4, 32, 32), id="video"),
+    pytest.param("points", dict(num_groups=32, group_size=8), lambda: torch.randn(2, 128, 3), id="points"),
+]
+
+
+@pytest.mark.parametrize("name,cfg,make_input", ADAPTERS)
+def test_adapter_composes_with_lora_vpt_tome_and_checkpointing(name, cfg, make_input, tmp_path):
+    model = make_variant("registers", seed=13)
+    vk.adapt(model, name, **cfg)
+    vk.adapt(model, "lora", rank=2)
+    vk.adapt(model, "vpt", num_prompts=2)
+    vk.accelerate(model, "tome", r=4)
+    x = make_input()
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert {"patch_embed", "vpt", "head"} <= trainable and any(".lora_" in n for n, p in model.named_parameters()
+                                                             if p.requires_grad)
+    perturb_trainable(model)
+    model.eval()
+    loaded = round_trip(model, tmp_path, x)
+    assert [a.name for a in vk.applied(loaded)] == [name, "lora", "vpt", "tome"]
+    model.train().set_grad_checkpointing(True)
+    model(x).sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("patch_embed") and p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
