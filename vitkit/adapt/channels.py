@@ -21,7 +21,7 @@ module's. Docs: docs/applications.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch.nn as nn
 
@@ -35,6 +35,7 @@ SENTINEL2 = ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12
 
 @dataclass(frozen=True)
 class Config:
+    INPUT: ClassVar[str] = "multispectral tiles (B, len(bands), H, W)"  # vitkit bench refuses it
     bands: tuple[str, ...] = field(default=SENTINEL2, metadata={
         "help": "input channel names, in input order (default: PhilEO's 10 Sentinel-2 bands)"})
     rgb: tuple[str, ...] = field(default=("B04", "B03", "B02"), metadata={

@@ -21,7 +21,7 @@ are not part of this module. Docs: docs/applications.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ from ._common import earlier_trainable, freeze_except
 
 @dataclass(frozen=True)
 class Config:
+    INPUT: ClassVar[str] = "image pairs (B, 6, H, W)"  # vitkit bench refuses it
     mode: Literal["early", "tokens"] = field(default="early", metadata={
         "help": "early: 6-channel patch embedding, second image's kernels zero (starts as the single-image model); "
                 "tokens: two token streams with a segment embedding"})

@@ -26,7 +26,7 @@ time is learned. Docs: docs/applications.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -39,6 +39,7 @@ from ._common import earlier_trainable, freeze_except
 
 @dataclass(frozen=True)
 class Config:
+    INPUT: ClassVar[str] = "clips (B, C, T, H, W)"  # vitkit bench refuses it
     num_frames: int = field(default=16, metadata={"help": "clip length T in frames (VideoMAE: 16); shorter clips "
                                                           "(multiples of `tubelet`) are accepted"})
     tubelet: int = field(default=2, metadata={"help": "frames t per tubelet (VideoMAE: 2)"})
