@@ -23,7 +23,7 @@ in-block adapters (compose with LoRA). Docs: docs/applications.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,9 @@ class Config:
     views: int = field(default=6, metadata={"help": "virtual projection planes V averaged for positions "
                                                     "(Any2Point: 6)"})
     hidden: int = field(default=128, metadata={"help": "width of the mini-PointNet's shared MLP"})
+    position: Literal["projection", "learned"] = field(default="projection", metadata={
+        "help": "projection: the 2-D grid's position embedding at the centres' virtual projections (Any2Point); "
+                "learned: an MLP on the 3-D centres (the baseline Any2Point compares with)"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
     lr: float = field(default=1e-3, metadata={
         "help": "vk.fit's learning rate unless one is given (AdamW; benchmarks/applications.py, procedural "
@@ -67,12 +70,15 @@ class PointTokens(nn.Module):
         self.mlp1 = nn.Sequential(nn.Linear(3, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden))
         self.mlp2 = nn.Sequential(nn.Linear(2 * cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, dim))
         self.register_buffer("rotations", algo.view_rotations(cfg.views), persistent=False)
+        self.pos_mlp = nn.Sequential(nn.Linear(3, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, dim)) \
+            if cfg.position == "learned" else None
 
     def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
         check_ndim(x, 3, "point clouds (B, N, 3)", "points")
         if x.shape[-1] != 3 or x.shape[1] < max(self.num_groups, self.group_size):
-            raise ValueError(f"points: expected point clouds (B, N, 3) with N >= {max(self.num_groups, self.group_size)}"
-                             f" (num_groups, group_size), got {tuple(x.shape)}")
+            need = max(self.num_groups, self.group_size)
+            raise ValueError(f"points: expected point clouds (B, N, 3) with N >= {need} (num_groups, group_size), "
+                             f"got {tuple(x.shape)}")
         return self.grid_size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +92,8 @@ class PointTokens(nn.Module):
 
     def position(self, out: tuple[torch.Tensor, torch.Tensor], model: nn.Module) -> torch.Tensor:
         tokens, centres = out
+        if self.pos_mlp is not None:
+            return tokens + self.pos_mlp(centres)
         uv = algo.project(centres, self.rotations)  # (B, V, G, 2)
         B, V, G, _ = uv.shape
         grid = grid_pos_embed(model).expand(B * V, -1, -1, -1)  # (B·V, D, gh, gw)
