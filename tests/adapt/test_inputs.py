@@ -357,6 +357,7 @@ def test_adapter_composes_with_lora_vpt_tome_and_checkpointing(name, cfg, make_i
     model.eval()
     loaded = round_trip(model, tmp_path, x)
     assert [a.name for a in vk.applied(loaded)] == [name, "lora", "vpt", "tome"]
+    assert vk.info(loaded).gmacs > 0  # FLOPs counted on a blank input of the adapter's kind
     model.train().set_grad_checkpointing(True)
     model(x).sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if n.startswith("patch_embed") and p.requires_grad]
@@ -366,8 +367,8 @@ def test_adapter_composes_with_lora_vpt_tome_and_checkpointing(name, cfg, make_i
 def test_bench_refuses_input_adapters_in_chains_and_leaves_them_out_of_all():
     from vitkit.bench.recipe import all_registered_chains, check_chain
 
-    assert check_chain("spectrogram") is None and "spectrogram" in all_registered_chains()
-    for name, takes in (("channels", "multispectral tiles"), ("paired", "image pairs"), ("video", "clips"),
+    assert check_chain("lora") is None and "lora" in all_registered_chains()
+    for name, takes in (("channels", "multispectral tiles"), ("spectrogram", "1-channel spectrograms"), ("paired", "image pairs"), ("video", "clips"),
                         ("points", "point clouds")):
         assert check_chain(f"lora+{name}").startswith(f"`{name}` takes {takes}")
         assert name not in all_registered_chains()

@@ -55,7 +55,7 @@ class PairTokens(nn.Module):
         self.patch_size = tuple(patch_embed.patch_size)
         gh, gw = patch_embed.grid_size
         self.grid_size, self.num_patches = (2 * gh, gw), 2 * gh * gw
-        self.img_size = (2 * gh * self.patch_size[0], gw * self.patch_size[1])
+        self.img_size = tuple(patch_embed.img_size)  # of each image
         self.in_chans = 2 * self.proj.in_channels
         self.segment = nn.Parameter(torch.randn(2, self.proj.out_channels) * 0.02)
 
@@ -66,6 +66,10 @@ class PairTokens(nn.Module):
             raise ValueError(f"paired: expected image pairs (B, {self.in_chans}, H, W) with H, W multiples of "
                              f"{ph}x{pw}, got {tuple(x.shape)}")
         return (2 * x.shape[2] // ph, x.shape[3] // pw)
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A blank pair of the configured size (`vk.info` counts FLOPs on it)."""
+        return self.proj.weight.new_zeros(batch, self.in_chans, *self.img_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # -> (B, 2, gh, gw, D)
         self.token_grid(x)  # checks the input (timm's own forward, without the block runner, skips embed's check)

@@ -81,6 +81,11 @@ class PointTokens(nn.Module):
                              f"got {tuple(x.shape)}")
         return self.grid_size
 
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """1,024 random points per cloud (`vk.info` counts FLOPs on them)."""
+        return torch.rand(batch, max(1024, self.num_groups, self.group_size), 3, generator=torch.Generator()
+                          .manual_seed(0)).to(self.mlp1[0].weight)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.token_grid(x)
         xyz, _, _ = algo.normalise(x)

@@ -23,7 +23,7 @@ Docs: docs/applications.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch.nn as nn
 
@@ -36,6 +36,7 @@ from .spectrogram_algo import log_mel  # noqa: F401  (vitkit.adapt.spectrogram.l
 
 @dataclass(frozen=True)
 class Config:
+    INPUT: ClassVar[str] = "1-channel spectrograms (B, 1, mel bins, frames)"  # vitkit bench refuses it
     img_size: Optional[tuple[int, int]] = field(default=None, metadata={
         "help": "spectrogram size (mel bins, frames), a multiple of the patch size; AST: (128, 1024). None keeps "
                 "the model's input size"})

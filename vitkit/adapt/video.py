@@ -94,6 +94,11 @@ class Tubelets(nn.Module):
                              f"{self.num_frames} and H, W multiples of {ph}x{pw}, got {tuple(x.shape)}")
         return (frames // t * h // ph, w // pw)
 
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        """A blank clip of the configured size (`vk.info` counts FLOPs on it)."""
+        gh, (ph, pw) = self.grid_size[0] // (self.num_frames // self.tubelet), self.patch_size
+        return self.proj.weight.new_zeros(batch, self.in_chans, self.num_frames, gh * ph, self.grid_size[1] * pw)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # -> (B, T', gh, gw, D)
         self.token_grid(x)
         return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))
