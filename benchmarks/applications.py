@@ -13,10 +13,10 @@ split and the initialisation of new parts change.
   `channels` (all 10 bands) vs the RGB model on B04 B03 B02, n = 8 / 32 / 128 training tiles, patch mIoU;
 * video: 4-frame clips of a digit moving 3 px/frame in one of 8 directions; `video` (tubelets of 2 frames) + `full` vs the 2-D
   model on the frame average (which shows the axis of motion, not its sign);
-* points: 512-point clouds of 8 primitives under random rotation, scale and jitter; `points` (tokenizer and head
+* points: 256-point clouds of 8 primitives under random rotation, scale and jitter; `points` (tokenizer and head
   train, backbone frozen) with projected 2-D position embedding vs a learned 3-D one.
 
-    python benchmarks/applications.py                      # the RESULTS.md table (2-core CPU: ~15 min)
+    python benchmarks/applications.py --tasks audio        # one task of the RESULTS.md table (one process each)
     python benchmarks/applications.py --tasks audio --seeds 1 --epochs 3    # a quick look
 """
 from __future__ import annotations
@@ -51,6 +51,12 @@ def fit_eval(model, train, test, epochs: int, lr: float, seed: int, batch_size: 
         vk.fit(model, train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, out_dir=tmp, progress=False,
                save_model=False)
     return vk.evaluate(model.eval(), test, "finetuned")["top1"]
+
+
+def note(rows: dict, name: str, seed: int, value: float) -> None:
+    """Record one measurement and print it at once (a long run interrupted keeps what it measured)."""
+    rows.setdefault(name, []).append(value)
+    print(f"    seed {seed}: {name}: {value:.3f}", flush=True)
 
 
 def split(x: torch.Tensor, y: torch.Tensor, n_train: int, seed: int):
@@ -107,16 +113,16 @@ def audio_data(per_class: int, seed: int):
 
 
 def run_audio(seeds, epochs):
-    rows = {"pretrained": [], "random": []}
+    rows = {}
     for seed in seeds:
-        x, y = audio_data(60, seed)
+        x, y = audio_data(40, seed)
         train, test = split(x, y, 20, seed)
-        for init in rows:
+        for init in ("pretrained", "random"):
             model = fresh(init, seed, num_classes=8)
             vk.adapt(model, "spectrogram", img_size=(32, 64))
             vk.adapt(model, "full")
-            rows[init].append(fit_eval(model, train, test, epochs, 1e-3, seed))
-    return {f"spectrogram + full, {k} init": v for k, v in rows.items()}
+            note(rows, f"spectrogram + full, {init} init", seed, fit_eval(model, train, test, epochs, 1e-3, seed))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------- tiles
@@ -178,13 +184,13 @@ def run_tiles(seeds, steps, shots=(8, 32, 128)):
     rows = {}
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        test_x, test_y = tiles(128, rng)
+        test_x, test_y = tiles(64, rng)
         pool_x, pool_y = tiles(max(shots), rng)
         for n in shots:
             for name, bands, cols in (("all 10 bands (channels)", SENTINEL2, list(range(10))),
                                       ("RGB only", ("B02", "B03", "B04"), keep)):
                 score = dense_run(bands, pool_x[:n, cols], pool_y[:n], test_x[:, cols], test_y, seed, steps)
-                rows.setdefault(f"{name}, n={n}", []).append(score)
+                note(rows, f"{name}, n={n}", seed, score)
     return rows
 
 
@@ -220,13 +226,13 @@ def run_video(seeds, epochs):
         model = fresh(num_classes=8)
         vk.adapt(model, "video", num_frames=4, tubelet=2)
         vk.adapt(model, "full")
-        rows.setdefault("video (tubelets t=2) + full", []).append(fit_eval(model, train, test, epochs, 1e-3, seed))
+        note(rows, "video (tubelets t=2) + full", seed, fit_eval(model, train, test, epochs, 1e-3, seed))
         avg_train = vk.data.tensors(train.samples.mean(2), train.targets)
         avg_test = vk.data.tensors(test.samples.mean(2), test.targets)
         model = fresh(num_classes=8)
         vk.adapt(model, "full")
-        rows.setdefault("2-D model on the frame average + full", []).append(
-            fit_eval(model, avg_train, avg_test, epochs, 1e-3, seed))
+        note(rows, "2-D model on the frame average + full", seed, fit_eval(model, avg_train, avg_test, epochs, 1e-3,
+                                                                           seed))
     return rows
 
 
@@ -267,17 +273,16 @@ def run_points(seeds, epochs):
     rows, fraction = {}, {}
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        labels = np.repeat(np.arange(8), 50)
-        x = torch.tensor(np.stack([primitive(int(k), 512, rng) for k in labels]), dtype=torch.float32)
-        train, test = split(x, torch.tensor(labels), 25, seed)
+        labels = np.repeat(np.arange(8), 40)
+        x = torch.tensor(np.stack([primitive(int(k), 256, rng) for k in labels]), dtype=torch.float32)
+        train, test = split(x, torch.tensor(labels), 20, seed)
         for position in ("projection", "learned"):
             torch.manual_seed(seed)
             model = fresh(num_classes=8)
-            vk.adapt(model, "points", num_groups=32, group_size=32, position=position)
+            vk.adapt(model, "points", num_groups=32, group_size=16, position=position)
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
             fraction[position] = n_train / sum(p.numel() for p in model.parameters())
-            rows.setdefault(f"points, {position} position embedding", []).append(
-                fit_eval(model, train, test, epochs, 1e-3, seed))
+            note(rows, f"points, {position} position embedding", seed, fit_eval(model, train, test, epochs, 1e-3, seed))
     return rows, fraction
 
 
@@ -292,8 +297,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["audio", "tiles", "video", "points"])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=10, help="epochs of the audio, video and points runs")
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps of each dense (tiles) run")
+    ap.add_argument("--epochs", type=int, default=6, help="epochs of the audio, video and points runs")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each dense (tiles) run")
     args = ap.parse_args()
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -301,17 +306,17 @@ def main() -> None:
     for task in args.tasks:
         start = time.time()
         if task == "audio":
-            report("audio events (procedural), 8 classes, 20 train / 40 test per class: top-1",
+            report("audio events (procedural), 8 classes, 20 train / 20 test per class: top-1",
                    run_audio(seeds, args.epochs))
         elif task == "tiles":
-            report("multispectral tiles (procedural), 4 land-cover classes, dense head: patch mIoU on 128 tiles",
+            report("multispectral tiles (procedural), 4 land-cover classes, dense head: patch mIoU on 64 tiles",
                    run_tiles(seeds, args.steps))
         elif task == "video":
             report("moving digits (procedural), 8 directions, 20 train / 20 test per class: top-1",
                    run_video(seeds, args.epochs))
         elif task == "points":
             rows, fraction = run_points(seeds, args.epochs)
-            report("point-cloud primitives (procedural), 8 classes, 25 train / 25 test per class: top-1", rows)
+            report("point-cloud primitives (procedural), 8 classes, 20 train / 20 test per class: top-1", rows)
             print("  trainable fraction: " + ", ".join(f"{k} {v:.1%}" for k, v in fraction.items()))
         print(f"  ({time.time() - start:.0f} s)")
 
