@@ -368,7 +368,7 @@ def test_bench_refuses_input_adapters_in_chains_and_leaves_them_out_of_all():
     from vitkit.bench.recipe import all_registered_chains, check_chain
 
     assert check_chain("lora") is None and "lora" in all_registered_chains()
-    for name, takes in (("channels", "multispectral tiles"), ("spectrogram", "1-channel spectrograms"), ("paired", "image pairs"), ("video", "clips"),
-                        ("points", "point clouds")):
+    for name, takes in (("channels", "multispectral tiles"), ("spectrogram", "1-channel spectrograms"),
+                        ("paired", "image pairs"), ("video", "clips"), ("points", "point clouds")):
         assert check_chain(f"lora+{name}").startswith(f"`{name}` takes {takes}")
         assert name not in all_registered_chains()

@@ -7,7 +7,8 @@ Claim implemented: an N-channel patch embedding that starts as the pretrained on
 take the pretrained R, G, B kernels, every other band starts from the mean kernel or zero (`rest`). With
 `rest="zero"` the adapted model's outputs equal the RGB model's on the named bands, whatever the other bands
 hold; training then learns what they add. Per-band normalisation follows: a named band keeps the model's
-R/G/B mean and std, the others take their average (`vk.data.set_data_config` changes them).
+R/G/B mean and std, the others take their average (`vitkit.models.loading.set_data_config` changes
+them).
 
 Plugs in at: `patch_embed.proj` (a new Conv2d, built by `vitkit.models.inflate`, on timm's
 `adapt_input_conv`). Composes with every other method (nothing else is touched); apply it before `ssf`, which

@@ -13,11 +13,13 @@ resampled (bicubic, timm's `resample_abs_pos_embed`) to the spectrogram's grid, 
 Plugs in at: `patch_embed.proj` (1-channel Conv2d) and `pos_embed` (resampled), through `vitkit.models.inflate`.
 Composes with every other method; apply it before `ssf`. Trainable: the patch embedding and position embedding
 (`train_embed`) and the head (AST fine-tunes everything: add `full` for that). Normalisation: mean and std of the
-model's channels, averaged (AST normalises by the dataset's; set `vk.data.set_data_config`).
+model's channels, averaged (AST normalises by the dataset's;
+set them with `vitkit.models.loading.set_data_config`).
 Hand-written here, and why: torchaudio is not a dependency (and would only give the filterbank); timm converts
-kernels and position embeddings at load time only. Differs from the reference: AST averages the pretrained
-position embedding's prefix (class and distillation tokens) differently for DeiT; here prefix entries are kept
-and the patch grid is resampled, as timm does. ASiT's group-masked pretraining is not part of this module.
+kernels and position embeddings at load time only. Differs from the reference: AST cuts overlapping patches
+(stride 10) and fits the position embedding to its grid by interpolating and cropping; here patches keep the
+pretrained stride and the grid is resampled bicubically, prefix entries kept, as timm does. ASiT's group-masked
+pretraining is not part of this module.
 Docs: docs/applications.md.
 """
 from __future__ import annotations
