@@ -103,6 +103,13 @@ def test_channels_refuses_bad_bands_and_wrapped_embedding():
         vk.adapt(model, "channels")
 
 
+def test_channels_then_ssf_saves_and_loads(tmp_path):
+    model = vk.adapt(vk.adapt(make_variant("plain", seed=14), "channels", bands=BANDS), "ssf")
+    perturb_trainable(model)
+    loaded = round_trip(model.eval(), tmp_path, torch.randn(2, 5, 32, 32))
+    assert loaded.pretrained_cfg["mean"] == (0.5,) * 5
+
+
 # ------------------------------------------------------------------------------------------------- spectrogram
 
 def test_spectrogram_grey_sum_equals_rgb_model_on_replicated_image():
