@@ -47,9 +47,9 @@ class Config:
                 "pretrained kernel"})
     train_embed: bool = field(default=True, metadata={"help": "train the new patch embedding (all bands)"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
-    lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; benchmarks/applications.py on procedural "
-                "10-band tiles)"})
+    lr: float = field(default=3e-3, metadata={
+        "help": "vk.fit's learning rate unless one is given (AdamW; the lr of benchmarks/applications.py's tiles "
+                "task, not swept)"})
     weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
 
     def __post_init__(self):

@@ -42,7 +42,8 @@ class Config:
         "help": "train the patch embedding (and the segment embedding in tokens mode)"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
     lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; benchmarks/applications.py, procedural pairs)"})
+        "help": "vk.fit's learning rate unless one is given (AdamW; as the other input adapters: no paired demo "
+                "measured it)"})
     weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
 
 
