@@ -24,6 +24,22 @@ REFUSED: dict[tuple[str, str], str] = {
     ("transmix", "reg_no_cls"): "transmix: needs a class token",
 }
 
+# Input adapters take other inputs than RGB images: method -> (images, model) -> the adapted model's input, built
+# so that it carries the images (extra channels / second image / frames of a static clip), see docs/applications.md.
+INPUTS = {
+    "channels": lambda x, m: torch.cat([x[:, [2, 1, 0]], torch.randn(x.shape[0], m.patch_embed.proj.in_channels - 3,
+                                                                      *x.shape[2:])], 1),
+    "spectrogram": lambda x, m: x.mean(1, keepdim=True),
+    "paired": lambda x, m: torch.cat([x, torch.zeros_like(x)], 1),
+    "video": lambda x, m: x.unsqueeze(2).expand(-1, -1, m.patch_embed.num_frames, -1, -1),
+    "points": lambda x, m: x.flatten(1)[:, :3 * 256].reshape(x.shape[0], 256, 3),
+}
+
+
+def _input(name, images, model):
+    return INPUTS[name](images, model) if name in INPUTS else images
+
+
 METHODS = [m.name for m in vk.methods()]
 CASES = [pytest.param(m, v, id=f"{m}-{v}") for m in METHODS for v in VARIANTS if (m, v) not in REFUSED]
 REFUSED_CASES = [pytest.param(m, v, match, id=f"{m}-{v}") for (m, v), match in REFUSED.items()]
@@ -46,7 +62,7 @@ def test_identity_at_documented_setting(name, variant_name, images):
     out = vk.apply(model, name, **method.identity)
     assert out is model
     with torch.no_grad():
-        torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(_input(name, images, model)), reference(images), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,variant_name", CASES)
@@ -54,6 +70,7 @@ def test_default_shapes_and_record(name, variant_name, images):
     model = make_variant(variant_name)
     vk.apply(model, name)
     assert [a.name for a in vk.applied(model)] == [name]
+    images = _input(name, images, model)
     with torch.no_grad():
         assert model(images).shape == (2, 10)
         assert model.forward_head(model.forward_features(images), pre_logits=True).shape == (2, model.num_features)
@@ -69,6 +86,7 @@ def test_save_load_round_trip(name, variant_name, images, tmp_path):
                 p.add_(0.01 * torch.randn_like(p))
     vk.save(model, tmp_path / "saved")
     loaded = vk.load(tmp_path / "saved").eval()
+    images = _input(name, images, model)
     assert [a.name for a in vk.applied(loaded)] == [name]
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images), atol=1e-6, rtol=1e-6)

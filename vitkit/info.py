@@ -129,7 +129,9 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int, int], batch: int =
     try:
         for m in attns:
             m.fused_attn = False
-        x = torch.zeros(batch, *input_size, device=next(model.parameters()).device)
+        example = getattr(getattr(model, "patch_embed", None), "example_input", None)  # input adapters: clips, points
+        x = example(batch) if example is not None else torch.zeros(batch, *input_size,
+                                                                   device=next(model.parameters()).device)
         with frozen_eval(model), FlopCounterMode(display=False) as counter:
             model(x)
     finally:

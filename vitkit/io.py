@@ -260,9 +260,14 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
         model = loading.load_file(file, arch=recorded.get("arch"), **model_args)
     if manifest["weights"] != "full":
         _check_base(path, manifest, model)
-    loading.set_data_config(model, **{**_tuples(manifest.get("data_config", {})), **data})
+    data = {**_tuples(manifest.get("data_config", {})), **data}
+    chans = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", None)
+    # input adapters (channels, spectrogram) change the channel count: their mean/std are set after the methods
+    early = {k: v for k, v in data.items() if k not in ("mean", "std") or not isinstance(v, tuple) or len(v) == chans}
+    loading.set_data_config(model, **early)
     for entry in manifest["methods"]:
         registry.apply(model, entry["name"], **entry["config"])
+    loading.set_data_config(model, **{k: v for k, v in data.items() if k not in early})
     tensors = load_file(str(path / WEIGHTS))
     expected = model.state_dict()
     new_head = [k for k in tensors if "num_classes" in overrides and k.startswith(("head.", "head_dist."))

@@ -282,6 +282,10 @@ def make_chain(text: str) -> Chain:
     steps = []
     for name, config in parse_chain(text):
         method = registry.get(name)
+        takes = getattr(method.config, "INPUT", None)  # input adapters (docs/applications.md) take no RGB images
+        if takes:
+            raise ValueError(f"`{name}` takes {takes}, not a bench task's images; its benchmark is "
+                             "benchmarks/applications.py (docs/applications.md)")
         steps.append((name, registry.make_config(method, **config)))
     return Chain(text.strip(), tuple(steps))
 
@@ -522,5 +526,6 @@ def _tensors_sha256(model) -> str:
 
 def all_registered_chains(kinds=("adapt", "accelerate")) -> list[str]:
     """Every registered method of `kinds` as a one-method chain with its defaults (`linear` and `full` are the
-    protocols' own baselines and are left out)."""
-    return [m.name for m in registry.methods() if m.kind in kinds and m.name not in ("linear", "full")]
+    protocols' own baselines and are left out, and so are input adapters taking other inputs than images)."""
+    return [m.name for m in registry.methods() if m.kind in kinds and m.name not in ("linear", "full")
+            and not getattr(m.config, "INPUT", None)]

@@ -12,7 +12,9 @@ from .datasets import (DATASETS, ArrayDataset, CorruptImageError, ImageFolder, S
 from .crops import Box, classify_crops, detect_crops, lbp_face_detector
 from .splits import few_shot, split
 from .transforms import Prepare, data_config, map_point, transform
+from .tensors import TensorDataset, tensors  # clips, tiles, point clouds: the input adapters' samples
 
 __all__ = ["ArrayDataset", "CorruptImageError", "ImageFolder", "Subset", "VisionDataset", "DATASETS", "arrays",
            "cifar10_jpeg", "digits", "get", "image_folder", "read_image", "few_shot", "split", "Prepare",
-           "data_config", "map_point", "transform", "Box", "classify_crops", "detect_crops", "lbp_face_detector"]
+           "data_config", "map_point", "transform", "Box", "classify_crops", "detect_crops", "lbp_face_detector",
+           "TensorDataset", "tensors"]

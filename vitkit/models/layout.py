@@ -113,7 +113,9 @@ def token_layout(model: nn.Module) -> TokenLayout:
         grid_size=tuple(pe.grid_size),
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
         embed_dim=int(model.embed_dim),
-        # the first convolution, so that a method wrapping `patch_embed.proj` (SSF) does not hide it; a module
-        # replacing it states the channels it takes (bcosify's conv on the 6-channel encoding takes 3)
-        in_chans=next(m for m in pe.modules() if isinstance(m, nn.Conv2d) or hasattr(m, "in_channels")).in_channels,
+        # the first convolution, so that a method wrapping `patch_embed.proj` (SSF) does not hide it; token
+        # embeddings of input adapters (models/inflate.py) and bcosify's conv on the 6-channel encoding (which
+        # takes 3) state the channels they take
+        in_chans=getattr(pe, "in_chans", None)
+        or next(m for m in pe.modules() if isinstance(m, nn.Conv2d) or hasattr(m, "in_channels")).in_channels,
     )

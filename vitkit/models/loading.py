@@ -140,7 +140,8 @@ def set_data_config(model: nn.Module, **cfg: Any) -> nn.Module:
         raise TypeError(f"data config: unknown field(s) {unknown}; valid: {', '.join(DATA_KEYS)}")
     if not cfg:
         return model
-    chans = model.patch_embed.proj.in_channels if hasattr(getattr(model, "patch_embed", None), "proj") else None
+    chans = next((m.in_channels for m in model.patch_embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))),
+                 None) if hasattr(getattr(model, "patch_embed", None), "proj") else None  # SSF may wrap proj
     for key in ("mean", "std"):
         if key in cfg:
             value = cfg[key]

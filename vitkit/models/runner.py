@@ -411,9 +411,13 @@ def _patch_drop(model: VisionTransformer, x: torch.Tensor, state: TokenState) ->
 def embed(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """Patch-embed, add positions and prefix tokens, and start a fresh token state for this call."""
     runner = get_runner(model)
-    if x.ndim != 4:
+    token_grid = getattr(model.patch_embed, "token_grid", None)  # input adapters (models/inflate.py): clips, points
+    if token_grid is not None:
+        grid = token_grid(x)
+    elif x.ndim != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-    grid = token_layout(model).grid(tuple(x.shape[-2:]))  # clear error on a wrong input size
+    else:
+        grid = token_layout(model).grid(tuple(x.shape[-2:]))  # clear error on a wrong input size
     state = runner.new_state(grid)
     x = model.patch_embed(x)
     x = model._pos_embed(x)
