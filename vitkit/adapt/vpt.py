@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitkit.models.runner import BlockContext, TokenState, get_runner
-from vitkit.registry import register
+from vitkit.registry import alias, register
 
 from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
 
@@ -109,3 +109,4 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 register("vpt", kind="adapt", config=Config, apply=apply, identity={"num_prompts": 0})
+alias("vpt-deep", of="vpt", deep=True)
