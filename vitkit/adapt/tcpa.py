@@ -120,6 +120,7 @@ def _match(x: torch.Tensor, ctx: BlockContext) -> None:
 class _Attention:
     """The eager TCPA attention of block `index` (set as that block's `attn.forward`)."""
 
+    owner = NAME  # vk.info lists the blocks whose attention runs eagerly
     capture_refusal = ("attention: this block runs tcpa's masked eager attention (the prompt keys of each row differ "
                        "and its rows sum to < 1); attention maps and rollout of a tcpa model are not offered")
 
@@ -135,17 +136,18 @@ class _Attention:
         split = lambda t: t.reshape(t.shape[0], t.shape[1], 3, attn.num_heads, attn.head_dim).permute(  # noqa: E731
             2, 0, 3, 1, 4).unbind(0)  # (B, h, n, d) each
         q, k, v = split(attn.qkv(x))
+        q, k = attn.q_norm(q), attn.k_norm(k)  # the tokens' q, k: what taps on q_norm / k_norm (tome) read
         allowed, p = None, 0
         if pools.top_k:
             j, M, n = pools.layers.index(self.index), pools.img_keys.shape[1], pools.img_prompts.shape[2]
             _, pk, pv = split(attn.qkv(block.norm1(pools.tokens(j).to(x.dtype)))[None])  # keys/values only
+            pk = attn.k_norm.forward(pk)  # prompt keys pass k_norm too, without firing the token taps
             p = pk.shape[2]
             k, v = torch.cat([k, pk.expand(B, -1, -1, -1)], 2), torch.cat([v, pv.expand(B, -1, -1, -1)], 2)
             cls_idx, patch_idx = state.extra[NAME]
             cls_cols = None if cls_idx is None else algo.slot_columns(cls_idx, M, n)[:, 0]
             allowed = algo.allowed_keys(N, state.layout.cls_index, state.num_prefix_tokens, cls_cols,
                                         algo.slot_columns(patch_idx, M, n))
-        q, k = attn.q_norm(q), attn.k_norm(k)
         a = algo.masked_attention(q, k, attn.scale, allowed, _pad_bias(attn_mask, p))
         o = attn.norm((attn.attn_drop(a) @ v).transpose(1, 2).reshape(B, N, attn.attn_dim))
         if getattr(attn, "gate", None) is not None:
@@ -169,11 +171,6 @@ def pool_loss(model: nn.Module, images=None, logits=None, targets=None) -> torch
     if not terms:
         return torch.zeros((), device=model.tcpa.img_keys.device)
     return model.tcpa.loss_weight * torch.stack(terms).sum()
-
-
-def eager_blocks(model: nn.Module) -> list[int]:
-    """Blocks whose attention tcpa runs eagerly (for vk.info)."""
-    return list(model.tcpa.layers) if isinstance(getattr(model, "tcpa", None), Pools) else []
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
