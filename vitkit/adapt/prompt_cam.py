@@ -46,9 +46,10 @@ class Config:
     dropout: float = field(default=0.1, metadata={
         "help": "dropout on the class prompts (the paper's DINO config; 0 for DINOv2)"})
     lr: float = field(default=1e-2, metadata={
-        "help": "vk.fit's AdamW learning rate unless one is given; measured best of 3e-3/1e-2/3e-2 on the CIFAR ViT "
-                "(benchmarks/prompt_cam.py); the paper uses SGD lr 0.005 (DINO) / 0.001 (DINOv2)"})
-    weight_decay: float = field(default=1e-3, metadata={"help": "vk.fit's weight decay unless one is given (paper)"})
+        "help": "vk.fit's AdamW learning rate unless one is given; from the lr sweep of benchmarks/adapt_prompt.py "
+                "(digits task; RESULTS.md); the paper uses SGD lr 0.005 (DINO) / 0.001 (DINOv2)"})
+    weight_decay: float = field(default=1e-3, metadata={
+        "help": "vk.fit's weight decay unless one is given; from the paper's DINO config"})
 
     def __post_init__(self):
         if not 0.0 <= self.dropout < 1.0:

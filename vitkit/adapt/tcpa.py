@@ -62,8 +62,9 @@ class Config:
     dropout: float = field(default=0.1, metadata={"help": "dropout on the prompt tokens"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head too"})
     lr: float = field(default=4e-3, metadata={
-        "help": "vk.fit's AdamW learning rate unless one is given; the paper's CIFAR-100 recipe (AdamW)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "vk.fit's weight decay unless one is given (same)"})
+        "help": "vk.fit's AdamW learning rate unless one is given; from the paper's CIFAR-100 recipe (AdamW)"})
+    weight_decay: float = field(default=0.1, metadata={
+        "help": "vk.fit's weight decay unless one is given; from the same recipe"})
 
     def __post_init__(self):
         for name in ("pool_size", "prompt_length", "top_k"):
