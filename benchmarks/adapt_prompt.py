@@ -94,7 +94,8 @@ def fit(model, train, epochs, seed, lr=None):
 
 def part_accuracy(args) -> list[str]:
     train, test = digits()
-    lines = ["| method | trainable (with head) | default lr | held-out acc, mean ± std | s per run |", "|---|---|---|---|---|"]
+    lines = ["| method | trainable (with head) | default lr | held-out acc, mean ± std | s per run |",
+             "|---|---|---|---|---|"]
     for label, method, config in METHODS:
         accs, secs = [], []
         for seed in args.seeds:

@@ -57,8 +57,8 @@ class Info:
         else:
             lines.append("methods     none")
         if self.eager_attention:
-            lines.append("attention   " + "; ".join(f"eager in blocks {b} ({m})" for m, b in self.eager_attention.items())
-                         + "; fused SDPA elsewhere")
+            eager = "; ".join(f"eager in blocks {b} ({m})" for m, b in self.eager_attention.items())
+            lines.append(f"attention   {eager}; fused SDPA elsewhere")
         ts = self.token_schedule
         if ts:
             how = "measured on one blank image" if ts.get("observed") else "after the 50% cap"
