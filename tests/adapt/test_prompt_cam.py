@@ -178,3 +178,14 @@ def test_explain_refuses_clearly(images):
         vk.explain(model, images, method="prompt-cam", top_traits=5)
     with pytest.raises(ValueError, match="`target` 10 is not a class"):
         vk.explain(model, images, method="prompt-cam", target=10)
+
+
+def test_composes_with_token_merging_and_the_maps_refuse_it(images):
+    model = prompt_cam_model("registers")
+    with torch.no_grad():
+        before = model(images)
+        vk.accelerate(model, "tome", r=4)
+        after = model(images)  # the class prompts are protected like prefix tokens: merging changes only patches
+    assert after.shape == before.shape and (after - before).abs().max() > 0
+    with pytest.raises(NotImplementedError, match="tome \\(after_attn\\) changes that block"):
+        vk.explain(model, images, method="prompt-cam")
