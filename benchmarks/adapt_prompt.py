@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--explain-per-class", type=int, default=10, help="held-out images per class explained")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # a shared machine: more threads spin at barriers
     lines = [f"`python benchmarks/adapt_prompt.py {' '.join(sys.argv[1:])}`: {platform.processor() or 'CPU'}, "
              f"torch {torch.__version__}, {args.epochs} epochs, seeds {args.seeds}", ""]
     if args.part in ("all", "accuracy", "sweep"):
