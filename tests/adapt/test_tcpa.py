@@ -176,3 +176,16 @@ def test_refusals_and_bad_values(images):
         vk.adapt(make_variant("plain"), "tcpa", layers=(9,))
     with pytest.raises(NotImplementedError, match="tcpa's masked eager attention"):
         vk.explain(tcpa_model("plain"), images, method="rollout")
+
+
+def test_vk_fit_trains_pools_and_keys_through_the_pool_loss(tmp_path):
+    model = tcpa_model("plain", layers=(-1,), dropout=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, torch.arange(20) % 10)
+    result = vk.fit(model, data, epochs=1, batch_size=10, weight_decay=0.0, out_dir=tmp_path, progress=False,
+                    save_model=False)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"tcpa.img_keys", "tcpa.cls_keys", "tcpa.img_prompts", "tcpa.cls_prompts", "head.weight"} <= moved
+    assert not any(n.startswith("blocks.") for n in moved), moved
+    assert result.config["lr"] == 4e-3  # the method's own lr
