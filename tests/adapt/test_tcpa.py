@@ -90,7 +90,10 @@ def test_masked_rows_sum_below_one_in_the_model(images, monkeypatch):
     def spy(*args, **kwargs):
         a = real(*args, **kwargs)
         rows.append(a.sum(-1))
+        kept.append((a > 0).sum(-1))
         return a
+
+    kept = []
 
     monkeypatch.setattr(tcpa.algo, "masked_attention", spy)
     model = tcpa_model("registers")
@@ -99,6 +102,9 @@ def test_masked_rows_sum_below_one_in_the_model(images, monkeypatch):
     assert len(rows) == len(model.blocks)
     for s in rows:  # (B, h, N): every row loses the softmax mass of the prompts it does not see
         assert s.max() < 1 and s.min() > 0.2, (s.min(), s.max())
+    for n in kept:  # keys kept per row: N0 + k·ℓ for the class token and the patches, N0 for the registers
+        N = n.shape[-1]
+        assert (n[:, :, 0] == N + 4).all() and (n[:, :, 5:] == N + 4).all() and (n[:, :, 1:5] == N).all()
 
 
 def test_unchosen_prompts_act_through_the_softmax_denominator_and_their_keys_do_not(images):
