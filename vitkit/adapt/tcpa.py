@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from vitkit.models.runner import BlockContext, get_runner
 from vitkit.registry import register
+from vitkit.train.fit import add_loss
 
 from . import tcpa_algo as algo
 from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
@@ -190,19 +191,14 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
                                   f"lacks {missing}; tcpa runs timm's `Attention` parts eagerly")
     keep = earlier_trainable(model)
     with new_modules_follow_mode(model):
-        model.tcpa = like(Pools(layers, cfg, model.embed_dim, token_cls(model)), first_weight(model.patch_embed))
+        model.tcpa = like(Pools(layers, cfg, model.embed_dim, cls_pool=getattr(model, "cls_token", None) is not None),
+                          first_weight(model.patch_embed))
     runner.add("before_block", _match, owner=NAME, blocks=layers)
     for i in layers:
         model.blocks[i].attn.forward = _Attention(model, i)
-    from vitkit.train.fit import add_loss
-
     add_loss(model, pool_loss)
     freeze_except(model, keep | {n for n, _ in model.named_parameters() if n.startswith("tcpa.")}, cfg.train_head)
     return model
-
-
-def token_cls(model: nn.Module) -> bool:
-    return getattr(model, "cls_token", None) is not None
 
 
 register(NAME, kind="adapt", config=Config, apply=apply, identity={"pool_size": 0, "top_k": 0})
