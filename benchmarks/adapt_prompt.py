@@ -94,18 +94,19 @@ def fit(model, train, epochs, seed, lr=None):
 
 def part_accuracy(args) -> list[str]:
     train, test = digits()
-    lines = ["| method | trainable (with head) | default lr | held-out acc, mean ± std | s per run |",
+    lines = ["| method | trainable (with head) | lr | held-out acc, mean ± std | s per run |",
              "|---|---|---|---|---|"]
-    for label, method, config in METHODS if args.part != "sweep" else []:
+    rows = [r for r in METHODS if not args.only or r[1] in args.only] if args.part != "sweep" else []
+    for label, method, config in rows:
         accs, secs = [], []
         for seed in args.seeds:
             model = adapted(method, config, seed)
             t = time.perf_counter()
-            fit(model, train, args.epochs, seed)
+            fit(model, train, args.epochs, seed, lr=args.lr)
             secs.append(time.perf_counter() - t)
             accs.append(accuracy(model, test))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lr = vk.registry.make_config(vk.registry.get(method), **config).lr
+        lr = args.lr or vk.registry.make_config(vk.registry.get(method), **config).lr
         lines.append(f"| {label} | {trainable:,} | {lr:g} | {np.mean(accs):.3f} ± {np.std(accs):.3f} "
                      f"({', '.join(f'{a:.3f}' for a in accs)}) | {np.mean(secs):.0f} |")
         print(lines[-1], flush=True)
@@ -180,6 +181,8 @@ def main() -> None:
                    help="accuracy: the method table; sweep: the lr sweep; all: both and the faithfulness check")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--only", nargs="+", help="accuracy table: only these methods (registry names)")
+    p.add_argument("--lr", type=float, help="accuracy table: this lr instead of each method's default")
     p.add_argument("--per-class", type=int, default=100, help="CIFAR training images per class (part 2)")
     p.add_argument("--explain-per-class", type=int, default=10, help="held-out images per class explained")
     p.add_argument("--out", type=Path, help="also write the Markdown here")
