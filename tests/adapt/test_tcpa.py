@@ -194,4 +194,4 @@ def test_vk_fit_trains_pools_and_keys_through_the_pool_loss(tmp_path):
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert {"tcpa.img_keys", "tcpa.cls_keys", "tcpa.img_prompts", "tcpa.cls_prompts", "head.weight"} <= moved
     assert not any(n.startswith("blocks.") for n in moved), moved
-    assert result.config["lr"] == 4e-3  # the method's own lr
+    assert result.config["lr"] == 3e-2  # the method's own lr
