@@ -36,7 +36,7 @@ from vitkit.models.runner import BlockContext, get_runner
 from vitkit.registry import register
 
 from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
-from .vpt import Prompts
+from .vpt import Prompts, _insert as insert_prompts
 
 NAME = "prompt-cam"
 
@@ -62,15 +62,7 @@ def _before_block(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
     prompts = ctx.model.prompt_cam(ctx.index, x.shape[0]).to(x.dtype)  # (B, C, D)
     state = ctx.state
     if NAME not in state.extra:  # block 0 of this forward
-        start = state.num_prefix_tokens
-        state.extra[NAME] = start
-        state.num_prompts += prompts.shape[1]
-        if state.sizes is not None:
-            state.sizes = torch.cat([state.sizes[:, :start], state.sizes.new_ones(x.shape[0], prompts.shape[1], 1),
-                                     state.sizes[:, start:]], dim=1)
-        if state.source is not None:
-            state.source = torch.where(state.source >= start, state.source + prompts.shape[1], state.source)
-        return torch.cat([x[:, :start], prompts, x[:, start:]], dim=1)
+        return insert_prompts(x, prompts, state, key=NAME)
     start = state.extra[NAME]
     return torch.cat([x[:, :start], prompts, x[:, start + prompts.shape[1]:]], dim=1)
 

@@ -69,10 +69,11 @@ class Prompts(nn.Module):
         return p.unsqueeze(0).expand(batch, -1, -1)
 
 
-def _insert(x: torch.Tensor, prompts: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """Insert prompts after the prefix and earlier prompts; update the token state; return the new sequence."""
+def _insert(x: torch.Tensor, prompts: torch.Tensor, state: TokenState, key: str = "vpt") -> torch.Tensor:
+    """Insert prompts after the prefix and earlier prompts; update the token state (their start index under
+    `state.extra[key]`); return the new sequence."""
     start, n = state.num_prefix_tokens, prompts.shape[1]
-    state.extra["vpt"] = start
+    state.extra[key] = start
     state.num_prompts += n
     if state.sizes is not None:
         state.sizes = torch.cat([state.sizes[:, :start], state.sizes.new_ones(x.shape[0], n, 1),
