@@ -34,6 +34,8 @@ class Info:
     # "tokens": sequence length after each block (prompts included), "observed": measured on one blank image
     # (ATS: image-dependent) rather than computed}; None without token reduction
     token_schedule: dict | None = None
+    # blocks whose attention a method runs eagerly instead of fused SDPA: {method: [block, ...]} (tcpa)
+    eager_attention: dict = field(default_factory=dict)
 
     @property
     def trainable_fraction(self) -> float:
@@ -54,6 +56,9 @@ class Info:
                                                       for n, c in self.methods))
         else:
             lines.append("methods     none")
+        if self.eager_attention:
+            eager = "; ".join(f"eager in blocks {b} ({m})" for m, b in self.eager_attention.items())
+            lines.append(f"attention   {eager}; fused SDPA elsewhere")
         ts = self.token_schedule
         if ts:
             how = "measured on one blank image" if ts.get("observed") else "after the 50% cap"
@@ -164,4 +169,15 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
         layout=layout,
         methods=[(a.name, registry.config_dict(a.config)) for a in registry.applied(model)],
         token_schedule=schedule or None,
+        eager_attention=eager_attention(model),
     )
+
+
+def eager_attention(model: nn.Module) -> dict:
+    """{method: blocks} for attentions whose `forward` a method replaced on the instance (marked with `owner`)."""
+    out: dict = {}
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        owner = getattr(getattr(block, "attn", None), "__dict__", {}).get("forward")
+        if getattr(owner, "owner", None):
+            out.setdefault(owner.owner, []).append(i)
+    return out

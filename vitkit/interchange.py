@@ -34,7 +34,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 BASE = "vitkit_base.json"  # vitkit's note beside the adapter: the digest of every base tensor it relies on
 PREFIX = "base_model.model."
-PEFT_FORM = {"lora"}  # methods with a PEFT adapter form
+PEFT_FORM = {"lora", "lora-qkv"}  # methods with a PEFT adapter form
 HEAD_ONLY = {"linear"}  # methods whose only tensors are the head, saved as modules_to_save
 TUNERS = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}
 SUPPORTED_FIELDS = {"use_dora", "use_rslora", "lora_bias", "rank_pattern", "alpha_pattern"}
@@ -55,7 +55,7 @@ def save_peft(model: nn.Module, path: str | os.PathLike) -> Path:
             f"vk.save(format='peft'): method(s) {', '.join(other)} have no PEFT adapter form (a PEFT folder holds "
             "a LoRA, LoHa or LoKr adapter and a trained head only; see docs/interchange.md); save with "
             "vk.save(model, path) in vitkit's format")
-    lora_entries = [a for a in entries if a.name == "lora"]
+    lora_entries = [a for a in entries if a.name in PEFT_FORM]
     if not lora_entries:
         raise ValueError("vk.save(format='peft'): the model has no LoRA adapter (methods applied: "
                          f"{', '.join(a.name for a in entries) or 'none'}); apply vk.adapt(model, 'lora') first")

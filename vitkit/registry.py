@@ -83,6 +83,27 @@ def register(name: str, *, kind: str, config: type, apply: Callable, identity: O
     _REGISTRY[name] = Method(name, kind, config, apply, identity, doc[0] if doc else "")
 
 
+def alias(name: str, of: str, **defaults) -> None:
+    """Register `name` as method `of` with other config defaults (`vpt-deep` = `vpt` with deep=True).
+
+    The alias shares `of`'s `apply`; its `Config` is a subclass of `of`'s whose `defaults` fields start at the
+    given values (help and checks inherited), so `vk.methods()`, the CLI, `vk.save`/`vk.load`, the demo and the
+    bench see an ordinary method. Called at the foot of `of`'s module, after its `register`.
+    """
+    target = _REGISTRY[of]
+    unknown = [k for k in defaults if k not in {f.name for f in dataclasses.fields(target.config)}]
+    if unknown:
+        raise ValueError(f"alias `{name}`: {unknown} are not fields of `{of}`'s config")
+    fields = [(f.name, f.type, dataclasses.field(default=defaults[f.name], metadata=f.metadata))
+              for f in dataclasses.fields(target.config) if f.name in defaults]
+    config = dataclasses.make_dataclass(f"{target.config.__qualname__}_{name.replace('-', '_')}", fields,
+                                        bases=(target.config,), frozen=True)
+    config.__module__ = target.config.__module__  # its string annotations resolve in the method's module
+    register(name, kind=target.kind, config=config, apply=target.apply, identity=target.identity)
+    shown = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+    _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], doc=f"Alias of `{of}` with {shown}: {target.doc}")
+
+
 def _discover() -> None:
     global _discovered
     if _discovered:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitkit.registry import register
+from vitkit.registry import alias, register
 
 from ._common import earlier_trainable, forget, freeze_except, new_modules_follow_mode
 
@@ -280,8 +280,8 @@ def _record_merged(model: nn.Module, merged: bool) -> None:
 
     entries = applied(model)
     for i, entry in enumerate(entries):
-        if entry.name == "lora":
-            entries[i] = Applied("lora", dataclasses.replace(entry.config, merged=merged))
+        if entry.name in NAMES:
+            entries[i] = Applied(entry.name, dataclasses.replace(entry.config, merged=merged))
 
 
 def merge(model: nn.Module, unload: bool = True) -> nn.Module:
@@ -303,7 +303,8 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
                 if not isinstance(layer, QKVLoRA) else layer.base_layer)
     model.__dict__.pop("peft_config", None)
     model._modules.pop("peft_config", None)
-    forget(model, "lora")
+    for name in NAMES:
+        forget(model, name)
     return model
 
 
@@ -320,4 +321,6 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+NAMES = ("lora", "lora-qkv")  # the method and its alias, as recorded on a model
 register("lora", kind="adapt", config=Config, apply=apply, identity={})
+alias("lora-qkv", of="lora", targets=("qkv",))

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitkit.models.runner import BlockContext, TokenState, get_runner
-from vitkit.registry import register
+from vitkit.registry import alias, register
 
 from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
 
@@ -69,10 +69,11 @@ class Prompts(nn.Module):
         return p.unsqueeze(0).expand(batch, -1, -1)
 
 
-def _insert(x: torch.Tensor, prompts: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """Insert prompts after the prefix and earlier prompts; update the token state; return the new sequence."""
+def _insert(x: torch.Tensor, prompts: torch.Tensor, state: TokenState, key: str = "vpt") -> torch.Tensor:
+    """Insert prompts after the prefix and earlier prompts; update the token state (their start index under
+    `state.extra[key]`); return the new sequence."""
     start, n = state.num_prefix_tokens, prompts.shape[1]
-    state.extra["vpt"] = start
+    state.extra[key] = start
     state.num_prompts += n
     if state.sizes is not None:
         state.sizes = torch.cat([state.sizes[:, :start], state.sizes.new_ones(x.shape[0], n, 1),
@@ -109,3 +110,4 @@ def apply(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 register("vpt", kind="adapt", config=Config, apply=apply, identity={"num_prompts": 0})
+alias("vpt-deep", of="vpt", deep=True)

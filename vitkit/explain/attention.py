@@ -242,6 +242,9 @@ def _check_attention(model: nn.Module, i: int, values: bool = False) -> nn.Modul
         raise NotImplementedError(
             f"attention: block {i}'s attention ({type(attn).__name__}) lacks {missing or ['attn']}; vitkit reads "
             "q/k at timm's `Attention.q_norm`/`k_norm` (RoPE/fused-qkv variants are not supported)")
+    refusal = getattr(attn.__dict__.get("forward"), "capture_refusal", None)  # a method's own eager attention
+    if refusal:
+        raise NotImplementedError(f"{refusal} (block {i})")
     return attn
 
 

@@ -24,7 +24,7 @@ from .attention import LayerAttention, attention, select
 from .image import ImageLike, normalise_max, overlay, prepare, upsample
 
 _log = logging.getLogger("vitkit")
-METHODS = ("attention", "rollout", "grad_rollout", "gradcam", "bcos")
+METHODS = ("attention", "rollout", "grad_rollout", "gradcam", "bcos", "prompt-cam")
 
 
 @dataclass
@@ -46,6 +46,8 @@ class Explanation:
     target: Optional[list[int]] = None
     image: Optional[Image.Image] = None
     logits: Optional[torch.Tensor] = None
+    head_maps: Optional[torch.Tensor] = None  # prompt-cam: (B, heads, gh, gw) trait map of every head
+    head_ranking: Optional[torch.Tensor] = None  # prompt-cam: (B, heads) head indices, most important first
 
     def overlay(self, index: int = 0, alpha: float = 0.5, size: Optional[tuple[int, int]] = None) -> Image.Image:
         """The heatmap of sample `index` blended over its image (grey canvas when there is none), at `size`
@@ -123,7 +125,7 @@ def rollout_map(maps, head_fusion: str = "mean", discard_ratio: float = 0.0, leg
 def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str = "rollout",
             target: Union[None, int, Sequence[int]] = None, *, layer: int = -1, head: Union[str, int] = "mean",
             query="cls", head_fusion: str = "mean", discard_ratio: float = 0.0, legacy_vit_explain: bool = False,
-            size: Union[None, int, Sequence[int]] = None, mean=None, std=None) -> Explanation:
+            size: Union[None, int, Sequence[int]] = None, mean=None, std=None, top_traits: int = 1) -> Explanation:
     """Explain what `model` looks at in `image`.
 
     Args:
@@ -133,11 +135,14 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
             tensor (C, H, W) / (B, C, H, W).
         method: 'attention' (one layer's attention from `query` to the patches, heads fused by `head`),
             'rollout' (Abnar & Zuidema 2020; `head_fusion`, `discard_ratio`), 'grad_rollout' (each layer's
-            attention weighted by the positive part of ∂y_target/∂A before the head fusion) or 'gradcam'
-            (pytorch-grad-cam on `blocks[layer].norm1`) or 'bcos' (a B-cosified model's exact contribution map,
-            returned as a `BcosExplanation`: `vitkit/explain/bcos.py`).
-        target: class index (gradcam, grad_rollout, bcos; `ValueError` outside 0..num_classes-1); default the
-            prediction. Ignored (and logged) by the class-agnostic 'attention' and 'rollout'.
+            attention weighted by the positive part of ∂y_target/∂A before the head fusion), 'gradcam'
+            (pytorch-grad-cam on `blocks[layer].norm1`), 'bcos' (a B-cosified model's exact contribution map,
+            returned as a `BcosExplanation`: `vitkit/explain/bcos.py`) or 'prompt-cam' (a Prompt-CAM model: the
+            target class prompt's last-layer attention per head, heads ranked by greedy blurring; `patch_map` is
+            the mean of the `top_traits` most important heads, `head_maps` and `head_ranking` hold all of them).
+        target: class index (gradcam, grad_rollout, bcos, prompt-cam; `ValueError` outside 0..num_classes-1);
+            default the prediction. Ignored (and logged) by the class-agnostic 'attention' and 'rollout'.
+        top_traits: heads averaged into the 'prompt-cam' map.
         layer: block for 'attention' and 'gradcam'.
         head: 'mean', 'max', 'min' or a head index ('attention').
         query: 'cls' (falls back to the mean of patch queries without a class token), 'mean', or see
@@ -150,7 +155,7 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
     """
     if method not in METHODS:
         raise ValueError(f"explain: unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
-    if method in ("gradcam", "grad_rollout", "bcos"):
+    if method in ("gradcam", "grad_rollout", "bcos", "prompt-cam"):
         check_target(model, target, method)
     x, pil = prepare(model, image, size=size, mean=mean, std=std)
     H, W = x.shape[-2:]
@@ -164,6 +169,8 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
             from .bcos import bcos_explain
 
             return bcos_explain(model, x, target, pil)
+        if method == "prompt-cam":
+            return _prompt_cam(model, x, target, top_traits, pil)
         if target is not None and method in ("attention", "rollout"):
             _log.info("explain: `target` is ignored by the class-agnostic method %r (gradcam and grad_rollout "
                       "use it)", method)
@@ -242,3 +249,19 @@ def _gradcam(model, x, target, layer):
     from .cams import gradcam
 
     return gradcam(model, x, target=target, layer=layer)
+
+
+def _prompt_cam(model, x, target, top_traits, pil) -> Explanation:
+    from . import prompt_cam
+
+    heads = model.blocks[-1].attn.num_heads
+    if isinstance(top_traits, bool) or not isinstance(top_traits, int) or not 1 <= top_traits <= heads:
+        raise ValueError(f"explain: `top_traits` must be an int in 1..{heads} (the last block's heads), got "
+                         f"{top_traits!r}")
+    out = prompt_cam.maps(model, x, target)
+    top = out["ranking"][:, :top_traits]
+    chosen = out["head_maps"].gather(1, top[:, :, None, None].expand(-1, -1, *out["head_maps"].shape[-2:]))
+    patch_map = chosen.mean(1)
+    heat = normalise_max(upsample(patch_map, tuple(x.shape[-2:])).clamp_min(0))
+    return Explanation("prompt-cam", heat, patch_map, out["target"], pil, out["logits"], out["head_maps"],
+                       out["ranking"])
