@@ -122,3 +122,28 @@ def test_collapse_is_diagnosed_from_the_monitor():
     assert "nearly uniform" in obj.diagnose({"teacher_entropy": 0.99, "teacher_batch_entropy": 0.99})
     assert "same output" in obj.diagnose({"teacher_entropy": 0.01, "teacher_batch_entropy": 0.01})
     assert obj.diagnose({"teacher_entropy": 0.4, "teacher_batch_entropy": 0.7}) is None
+
+
+def test_last_layer_is_frozen_during_the_first_steps():
+    """The paper's recipe: the head's last layer does not train in the first epoch (here the first
+    `freeze_last_layer` of the steps); oracle: its effective weight g·v/|v| (row-wise) is the initial one through a
+    real AdamW step with weight decay, while the rest of the head trains, and it moves once the window is over."""
+    model, obj = build(freeze_last_layer=0.5)
+    trainable = [p for p in obj.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.04)
+
+    def last_weight():
+        g, v = obj.head.last_layer.weight_g, obj.head.last_layer.weight_v
+        return (g * v / v.norm(dim=1, keepdim=True)).detach().clone()
+
+    start, first = last_weight(), obj.head.layers[0].weight.detach().clone()
+    moved = []
+    for step in range(1, 5):  # 4 steps, the first 2 frozen
+        loss, _ = obj(torch.randn(4, 3, 3, 32, 32))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        obj.after_step(step, 4)
+        moved.append(not torch.allclose(last_weight(), start, rtol=0, atol=1e-6))
+    assert moved == [False, False, True, True], moved
+    assert not torch.equal(obj.head.layers[0].weight, first), "the rest of the head did not train"

@@ -66,6 +66,9 @@ class Config(base.Config):
     center_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the teacher centre (paper 0.9)"})
     momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum at the start, cosine to 1 at the "
                                                      "end (paper 0.996)"})
+    freeze_last_layer: float = field(default=0.1, metadata={"help": "fraction of the optimizer steps at the start "
+                                                            "during which the head's last layer does not train "
+                                                            "(paper: the first epoch; 0.1 = the first epoch of 10)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,7 +81,7 @@ class Config(base.Config):
         for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"dino: `{name}` must be > 0, got {getattr(self, name)!r}")
-        for name in ("center_momentum", "momentum", "teacher_temp_warmup"):
+        for name in ("center_momentum", "momentum", "teacher_temp_warmup", "freeze_last_layer"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"dino: `{name}` must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("global_scale", "local_scale"):
@@ -116,6 +119,9 @@ class Objective(base.Objective):
         self.teacher_head.load_state_dict(self.head.state_dict())
         for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
             p.requires_grad_(False)
+        for p in self.head.last_layer.parameters():  # weight_v (the row norms weight_g are fixed at 1 by lightly)
+            if p.requires_grad:
+                p.register_hook(self._freeze_last_layer)
         self.criterion = DINOLoss(output_dim=cfg.output_dim, teacher_temp=cfg.teacher_temp,
                                   student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done (resumed with it)
@@ -136,6 +142,16 @@ class Objective(base.Objective):
         warm = self.cfg.teacher_temp_warmup * int(self.total_steps)
         t = min(1.0, int(self.step) / warm) if warm > 0 else 1.0
         return self.cfg.warmup_teacher_temp + t * (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp)
+
+    def last_layer_frozen(self) -> bool:
+        """Whether the head's last layer is frozen now: during the first `freeze_last_layer` of the steps."""
+        return int(self.step) < self.cfg.freeze_last_layer * int(self.total_steps)
+
+    def _freeze_last_layer(self, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient hook of the last layer's direction `weight_v`: zero while frozen. The paper drops the gradient;
+        a zero gradient does the same here (and keeps DDP's buckets full): AdamW's moments stay zero, so the update
+        is zero, and weight decay only rescales `weight_v`, which the fixed-norm weight normalisation ignores."""
+        return torch.zeros_like(grad) if self.last_layer_frozen() else grad
 
     def momentum(self, index: int, total_steps: int) -> float:
         """Teacher EMA momentum after step `index` (0-based): cosine from `momentum` to 1 over `total_steps`
