@@ -42,11 +42,15 @@ class Config(base.Config):
     backbone_lr: float = field(default=1e-4, metadata={"help": "peak lr of the pretrained ViT (low: full lr erases "
                                                        "the pretrained features)"})
     weight_decay: float = field(default=0.04, metadata={"help": "AdamW weight decay (paper 0.04 -> 0.4)"})
-    output_dim: int = field(default=1024, metadata={"help": "head output K (paper 65,536; small batches need a "
-                                                    "small K)"})
+    output_dim: int = field(default=256, metadata={"help": "head output K (paper 65,536; small batches and short "
+                                                   "runs need a small K: 256 measured on benchmarks/pretrain.py)"})
     hidden_dim: int = field(default=512, metadata={"help": "head MLP width (paper 2048)"})
     bottleneck_dim: int = field(default=128, metadata={"help": "head bottleneck before the weight-normalised last "
                                                        "layer (paper 256)"})
+    head_batch_norm: bool = field(default=True, metadata={"help": "batch norm in the head's MLP (the paper's code "
+                                                          "option use_bn_in_head, off there): a pretrained ViT's "
+                                                          "features of a new domain are nearly parallel, and without "
+                                                          "it the centred teacher output is uniform from the start"})
     global_views: int = field(default=2, metadata={"help": "global crops per image, seen by teacher and student "
                                                    "(paper 2)"})
     local_views: int = field(default=2, metadata={"help": "local crops per image, student only (paper 8, at 96 px; "
@@ -58,8 +62,8 @@ class Config(base.Config):
     student_temp: float = field(default=0.1, metadata={"help": "student softmax temperature (paper 0.1)"})
     warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at the start (paper "
                                                                "0.04)"})
-    teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after the warm-up (paper "
-                                                        "0.04-0.07)"})
+    teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature after the warm-up (paper "
+                                                        "0.04-0.07; its code's default 0.04)"})
     teacher_temp_warmup: float = field(default=0.3, metadata={"help": "fraction of the optimizer steps over which "
                                                               "the teacher temperature rises linearly (paper 30 of "
                                                               "100 epochs)"})
@@ -111,7 +115,8 @@ class Objective(base.Objective):
             with warnings.catch_warnings():  # lightly's head uses torch's older weight_norm (still supported)
                 warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm` is deprecated", FutureWarning)
                 return DINOProjectionHead(input_dim=dim, hidden_dim=cfg.hidden_dim,
-                                          bottleneck_dim=cfg.bottleneck_dim, output_dim=cfg.output_dim)
+                                          bottleneck_dim=cfg.bottleneck_dim, output_dim=cfg.output_dim,
+                                          batch_norm=cfg.head_batch_norm)
 
         self.head = make_head()
         self.teacher = copy.deepcopy(self.model)
@@ -165,6 +170,9 @@ class Objective(base.Objective):
             raise ValueError(f"dino: expects views (B, V, C, H, W) from its transform, got shape {tuple(views.shape)}")
         b, v = views.shape[:2]
         g = self.cfg.global_views
+        if self.cfg.head_batch_norm and self.training and b * g < 2:
+            raise ValueError(f"dino: the head's batch norm needs at least 2 teacher inputs per batch, got {b} image(s) "
+                             f"x {g} global view(s); use a larger batch or head_batch_norm=False")
         student = self.head(features(self.model, views.flatten(0, 1)))  # (B·V, K)
         student = student.unflatten(0, (b, v)).transpose(0, 1)  # (V, B, K)
         with torch.no_grad():
