@@ -11,12 +11,19 @@ of both (no gradient) updated by lightly's `update_momentum` with lightly's `cos
 lightly's `DINOLoss` does the cross-entropy over view pairs (the same view excluded), the teacher centring and the
 centre's EMA. Both networks start from the pretrained weights; the heads are random.
 Hand-written here, and why: the teacher-temperature warm-up per optimizer step (lightly's schedule is per epoch),
-the views (timm's training transform, several crops of each image, see `transform`) and the collapse monitor
-(lightly has none): the teacher's centred, sharpened distribution has its per-image entropy and the entropy of its
-batch mean logged each epoch, both over log K: per-image -> 1 is uniform collapse, batch -> 0 is one-output collapse.
+freezing the head's last layer at the start (lightly's `cancel_last_layer_gradients` needs the epoch, which the
+objective does not see: a gradient hook over the first `freeze_last_layer` of the steps), the views (timm's
+training transform, several crops of each image, see `transform`) and the collapse monitor (lightly has none): the
+teacher's centred, sharpened distribution has its per-image entropy and the entropy of its batch mean logged each
+epoch, both over log K: per-image -> 1 is uniform collapse, batch -> 0 is one-output collapse.
+Continued pre-training needs batch norm in the head (lightly's `batch_norm`, the paper code's `use_bn_in_head`,
+off there): a pretrained ViT's features of a new domain are nearly parallel (mean cosine 0.91 for the embedded
+CIFAR model on digits), so without it the head gives every image nearly the same output, the centre removes it and
+the sharpened rest is uniform from the first step (0.99 of log K: no signal; `tests/pretrain/test_dino.py`).
 Differs from the reference: local crops are drawn at the model's input size (a timm ViT without
 `dynamic_img_size` takes one size), so they cost as much as global ones and there are 2 by default (paper 8 at
-96 px); the head is small (output 1024, paper 65,536); the head's last layer is not frozen in the first epoch.
+96 px); the head is small (output 256, paper 65,536) and has batch norm; the teacher temperature stays at 0.04
+(the paper's code default; its text warms it up to 0.07).
 Docs: docs/pretrain.md.
 """
 from __future__ import annotations
@@ -198,8 +205,8 @@ class Objective(base.Objective):
         entropy of its batch mean near 0 (one output for every image)."""
         uniform, batch = metrics.get("teacher_entropy"), metrics.get("teacher_batch_entropy")
         if uniform is not None and uniform > 0.95:
-            return (f"dino: the teacher's output is nearly uniform (entropy {uniform:.3f} of log K): collapse; try a "
-                    "lower teacher_temp, a lower momentum or a higher lr for the head")
+            return (f"dino: the teacher's output is nearly uniform (entropy {uniform:.3f} of log K): collapse; keep "
+                    "head_batch_norm on, try a lower teacher_temp, a smaller output_dim or more steps")
         if batch is not None and batch < 0.05:
             return (f"dino: the teacher gives nearly every image the same output (batch entropy {batch:.3f} of log "
                     "K): collapse; try a higher teacher_temp or center_momentum")
