@@ -26,9 +26,16 @@ from vitkit import data
 
 
 def measure(model, parts) -> dict:
+    """k-NN and linear-probe top-1, and `cos`: the mean cosine similarity between the test images' features (the
+    features' common direction: k-NN compares raw cosines, the linear probe standardised features)."""
+    from vitkit.train.evaluate import features
+
     tf = data.transform(model)
     train, test = parts["train"].with_transform(tf), parts["test"].with_transform(tf)
-    return {p: vk.evaluate(model, test, p, train=train)["top1"] for p in ("knn", "linear")}
+    out = {p: vk.evaluate(model, test, p, train=train)["top1"] for p in ("knn", "linear")}
+    f = torch.nn.functional.normalize(features(model, test)[0], dim=1)
+    out["cos"] = float(((f.sum(0) @ f.sum(0)) - len(f)) / (len(f) * (len(f) - 1)))
+    return out
 
 
 def fresh(init: str, seed: int):
@@ -44,6 +51,7 @@ def main() -> None:
     ap.add_argument("--objectives", nargs="+", default=["mae", "dino"])
     ap.add_argument("--inits", nargs="+", default=["pretrained", "random"])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--unlabelled", type=int, default=100, help="unlabelled pre-training images per class")
@@ -63,7 +71,7 @@ def main() -> None:
     digits = data.digits()
     rows: dict[tuple[str, str], list[dict]] = {}
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         parts = data.split(digits, seed=seed, unlabelled=args.unlabelled, train=args.labelled, test=args.test)
         for init in args.inits:
             rows.setdefault((init, "untouched"), []).append(measure(fresh(init, seed), parts))
@@ -80,25 +88,27 @@ def main() -> None:
                 rows.setdefault((init, objective), []).append(r)
                 monitor = "".join(f" {k} {v:.3f}" for k, v in r.items() if k.startswith("teacher"))
                 print(f"seed {seed} {init:10s} {objective:5s} knn {r['knn']:.4f} linear {r['linear']:.4f} "
-                      f"loss {r['loss']:.4f}{monitor} ({r['minutes']:.1f} min)", flush=True)
+                      f"cos {r['cos']:.3f} loss {r['loss']:.4f}{monitor} ({r['minutes']:.1f} min)", flush=True)
             u = rows[(init, "untouched")][-1]
-            print(f"seed {seed} {init:10s} untouched knn {u['knn']:.4f} linear {u['linear']:.4f}", flush=True)
+            print(f"seed {seed} {init:10s} untouched knn {u['knn']:.4f} linear {u['linear']:.4f} cos {u['cos']:.3f}",
+                  flush=True)
 
     def ms(values) -> str:
         return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
     print(f"\nsklearn digits (32x32 upscaled): {args.unlabelled} unlabelled / {args.labelled} labelled / "
-          f"{args.test} test images per class; {args.seeds} seeds (split + pre-training seed); {args.epochs} epochs, batch "
+          f"{args.test} test images per class; seeds {args.first_seed}-{args.first_seed + args.seeds - 1} (split + pre-training seed); {args.epochs} epochs, batch "
           f"{args.batch_size}; overrides {overrides or 'none'}; {(time.perf_counter() - t0) / 60:.1f} min in all\n")
-    print("| init | objective | k-NN top-1 (mean ± std) | linear-probe top-1 (mean ± std) | Δ k-NN | Δ linear |")
-    print("|---|---|---|---|---|---|")
+    print("| init | objective | k-NN top-1 (mean ± std) | linear-probe top-1 (mean ± std) | Δ k-NN | Δ linear | "
+          "feature cos |")
+    print("|---|---|---|---|---|---|---|")
     for (init, objective), rs in rows.items():
         base = rows[(init, "untouched")]
         dk = [r["knn"] - b["knn"] for r, b in zip(rs, base)]
         dl = [r["linear"] - b["linear"] for r, b in zip(rs, base)]
         delta = ("", "") if objective == "untouched" else (ms(dk), ms(dl))
         print(f"| {init} | {objective} | {ms([r['knn'] for r in rs])} | {ms([r['linear'] for r in rs])} | "
-              f"{delta[0]} | {delta[1]} |")
+              f"{delta[0]} | {delta[1]} | {np.mean([r['cos'] for r in rs]):.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{i}/{o}": rs for (i, o), rs in rows.items()}, f, indent=2)

@@ -11,12 +11,19 @@ of both (no gradient) updated by lightly's `update_momentum` with lightly's `cos
 lightly's `DINOLoss` does the cross-entropy over view pairs (the same view excluded), the teacher centring and the
 centre's EMA. Both networks start from the pretrained weights; the heads are random.
 Hand-written here, and why: the teacher-temperature warm-up per optimizer step (lightly's schedule is per epoch),
-the views (timm's training transform, several crops of each image, see `transform`) and the collapse monitor
-(lightly has none): the teacher's centred, sharpened distribution has its per-image entropy and the entropy of its
-batch mean logged each epoch, both over log K: per-image -> 1 is uniform collapse, batch -> 0 is one-output collapse.
+freezing the head's last layer at the start (lightly's `cancel_last_layer_gradients` needs the epoch, which the
+objective does not see: a gradient hook over the first `freeze_last_layer` of the steps), the views (timm's
+training transform, several crops of each image, see `transform`) and the collapse monitor (lightly has none): the
+teacher's centred, sharpened distribution has its per-image entropy and the entropy of its batch mean logged each
+epoch, both over log K: per-image -> 1 is uniform collapse, batch -> 0 is one-output collapse.
+Continued pre-training needs batch norm in the head (lightly's `batch_norm`, the paper code's `use_bn_in_head`,
+off there): a pretrained ViT's features of a new domain are nearly parallel (mean cosine 0.96 for the embedded
+CIFAR model on digits), so without it the head gives every image nearly the same output, the centre removes it and
+the sharpened rest is uniform from the first step (0.99 of log K: no signal; `tests/pretrain/test_dino.py`).
 Differs from the reference: local crops are drawn at the model's input size (a timm ViT without
 `dynamic_img_size` takes one size), so they cost as much as global ones and there are 2 by default (paper 8 at
-96 px); the head is small (output 1024, paper 65,536); the head's last layer is not frozen in the first epoch.
+96 px); the head is small (output 256, paper 65,536) and has batch norm; the teacher temperature stays at 0.04
+(the paper's code default; its text warms it up to 0.07).
 Docs: docs/pretrain.md.
 """
 from __future__ import annotations
@@ -42,11 +49,15 @@ class Config(base.Config):
     backbone_lr: float = field(default=1e-4, metadata={"help": "peak lr of the pretrained ViT (low: full lr erases "
                                                        "the pretrained features)"})
     weight_decay: float = field(default=0.04, metadata={"help": "AdamW weight decay (paper 0.04 -> 0.4)"})
-    output_dim: int = field(default=1024, metadata={"help": "head output K (paper 65,536; small batches need a "
-                                                    "small K)"})
+    output_dim: int = field(default=256, metadata={"help": "head output K (paper 65,536; small batches and short "
+                                                   "runs need a small K: 256 measured on benchmarks/pretrain.py)"})
     hidden_dim: int = field(default=512, metadata={"help": "head MLP width (paper 2048)"})
     bottleneck_dim: int = field(default=128, metadata={"help": "head bottleneck before the weight-normalised last "
                                                        "layer (paper 256)"})
+    head_batch_norm: bool = field(default=True, metadata={"help": "batch norm in the head's MLP (the paper's code "
+                                                          "option use_bn_in_head, off there): a pretrained ViT's "
+                                                          "features of a new domain are nearly parallel, and without "
+                                                          "it the centred teacher output is uniform from the start"})
     global_views: int = field(default=2, metadata={"help": "global crops per image, seen by teacher and student "
                                                    "(paper 2)"})
     local_views: int = field(default=2, metadata={"help": "local crops per image, student only (paper 8, at 96 px; "
@@ -58,14 +69,17 @@ class Config(base.Config):
     student_temp: float = field(default=0.1, metadata={"help": "student softmax temperature (paper 0.1)"})
     warmup_teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature at the start (paper "
                                                                "0.04)"})
-    teacher_temp: float = field(default=0.07, metadata={"help": "teacher temperature after the warm-up (paper "
-                                                        "0.04-0.07)"})
+    teacher_temp: float = field(default=0.04, metadata={"help": "teacher temperature after the warm-up (paper "
+                                                        "0.04-0.07; its code's default 0.04)"})
     teacher_temp_warmup: float = field(default=0.3, metadata={"help": "fraction of the optimizer steps over which "
                                                               "the teacher temperature rises linearly (paper 30 of "
                                                               "100 epochs)"})
     center_momentum: float = field(default=0.9, metadata={"help": "EMA momentum of the teacher centre (paper 0.9)"})
     momentum: float = field(default=0.996, metadata={"help": "teacher EMA momentum at the start, cosine to 1 at the "
                                                      "end (paper 0.996)"})
+    freeze_last_layer: float = field(default=0.1, metadata={"help": "fraction of the optimizer steps at the start "
+                                                            "during which the head's last layer does not train "
+                                                            "(paper: the first epoch; 0.1 = the first epoch of 10)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,7 +92,7 @@ class Config(base.Config):
         for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"dino: `{name}` must be > 0, got {getattr(self, name)!r}")
-        for name in ("center_momentum", "momentum", "teacher_temp_warmup"):
+        for name in ("center_momentum", "momentum", "teacher_temp_warmup", "freeze_last_layer"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"dino: `{name}` must be in [0, 1], got {getattr(self, name)!r}")
         for name in ("global_scale", "local_scale"):
@@ -108,7 +122,8 @@ class Objective(base.Objective):
             with warnings.catch_warnings():  # lightly's head uses torch's older weight_norm (still supported)
                 warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm` is deprecated", FutureWarning)
                 return DINOProjectionHead(input_dim=dim, hidden_dim=cfg.hidden_dim,
-                                          bottleneck_dim=cfg.bottleneck_dim, output_dim=cfg.output_dim)
+                                          bottleneck_dim=cfg.bottleneck_dim, output_dim=cfg.output_dim,
+                                          batch_norm=cfg.head_batch_norm)
 
         self.head = make_head()
         self.teacher = copy.deepcopy(self.model)
@@ -116,6 +131,9 @@ class Objective(base.Objective):
         self.teacher_head.load_state_dict(self.head.state_dict())
         for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
             p.requires_grad_(False)
+        for p in self.head.last_layer.parameters():  # weight_v (the row norms weight_g are fixed at 1 by lightly)
+            if p.requires_grad:
+                p.register_hook(self._freeze_last_layer)
         self.criterion = DINOLoss(output_dim=cfg.output_dim, teacher_temp=cfg.teacher_temp,
                                   student_temp=cfg.student_temp, center_momentum=cfg.center_momentum)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps done (resumed with it)
@@ -137,6 +155,16 @@ class Objective(base.Objective):
         t = min(1.0, int(self.step) / warm) if warm > 0 else 1.0
         return self.cfg.warmup_teacher_temp + t * (self.cfg.teacher_temp - self.cfg.warmup_teacher_temp)
 
+    def last_layer_frozen(self) -> bool:
+        """Whether the head's last layer is frozen now: during the first `freeze_last_layer` of the steps."""
+        return int(self.step) < self.cfg.freeze_last_layer * int(self.total_steps)
+
+    def _freeze_last_layer(self, grad: torch.Tensor) -> torch.Tensor:
+        """Gradient hook of the last layer's direction `weight_v`: zero while frozen. The paper drops the gradient;
+        a zero gradient does the same here (and keeps DDP's buckets full): AdamW's moments stay zero, so the update
+        is zero, and weight decay only rescales `weight_v`, which the fixed-norm weight normalisation ignores."""
+        return torch.zeros_like(grad) if self.last_layer_frozen() else grad
+
     def momentum(self, index: int, total_steps: int) -> float:
         """Teacher EMA momentum after step `index` (0-based): cosine from `momentum` to 1 over `total_steps`
         (lightly's `cosine_schedule`, as the paper's per-iteration schedule)."""
@@ -149,6 +177,9 @@ class Objective(base.Objective):
             raise ValueError(f"dino: expects views (B, V, C, H, W) from its transform, got shape {tuple(views.shape)}")
         b, v = views.shape[:2]
         g = self.cfg.global_views
+        if self.cfg.head_batch_norm and self.training and b * g < 2:
+            raise ValueError(f"dino: the head's batch norm needs at least 2 teacher inputs per batch, got {b} image(s) "
+                             f"x {g} global view(s); use a larger batch or head_batch_norm=False")
         student = self.head(features(self.model, views.flatten(0, 1)))  # (B·V, K)
         student = student.unflatten(0, (b, v)).transpose(0, 1)  # (V, B, K)
         with torch.no_grad():
@@ -174,8 +205,8 @@ class Objective(base.Objective):
         entropy of its batch mean near 0 (one output for every image)."""
         uniform, batch = metrics.get("teacher_entropy"), metrics.get("teacher_batch_entropy")
         if uniform is not None and uniform > 0.95:
-            return (f"dino: the teacher's output is nearly uniform (entropy {uniform:.3f} of log K): collapse; try a "
-                    "lower teacher_temp, a lower momentum or a higher lr for the head")
+            return (f"dino: the teacher's output is nearly uniform (entropy {uniform:.3f} of log K): collapse; keep "
+                    "head_batch_norm on, try a lower teacher_temp, a smaller output_dim or more steps")
         if batch is not None and batch < 0.05:
             return (f"dino: the teacher gives nearly every image the same output (batch entropy {batch:.3f} of log "
                     "K): collapse; try a higher teacher_temp or center_momentum")
