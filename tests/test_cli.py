@@ -36,3 +36,11 @@ def test_errors_are_one_line_with_status_2(argv, message, capsys):
     require(SMMK47)
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1E-3", 1e-3), ("2:4", "2:4"), ("4", 4), ("0.5", 0.5),
+                                         ("true", True), ("[1e-4, 2:4]", [1e-4, "2:4"]), ("1_000", 1000),
+                                         ("lora", "lora"), ("null", None)])
+def test_set_values_read_numbers_as_yaml_1_2(text, value):
+    """PyYAML (YAML 1.1) reads `3e-4` as a string and `2:4` as 124; --set values and recipes mean 3e-4 and '2:4'."""
+    assert cli.parse_value(text) == value and type(cli.parse_value(text)) is type(value)

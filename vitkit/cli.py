@@ -28,11 +28,31 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
                         help="extra timm/VisionTransformer argument, e.g. num_heads=4 (repeatable)")
 
 
-def parse_value(text: str):
-    """'4' -> 4, '0.5' -> 0.5, 'true' -> True, '[1,2]' -> [1, 2], else the string (YAML rules)."""
+def yaml_load(text: str):
+    """YAML with YAML 1.2's numbers: PyYAML follows YAML 1.1, where `3e-4` is a string (only `3.0e-4` is a float)
+    and `2:4` is the base-60 integer 124; recipes and `--set` values mean the float and the string."""
+    import re
+
     import yaml
 
-    return yaml.safe_load(text)
+    class Loader(yaml.SafeLoader):
+        pass
+
+    number_tags = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rules if tag not in number_tags]
+                                      for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(number_tags[0], re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$|^0x[0-9a-fA-F_]+$"),
+                                 list("-+0123456789"))
+    Loader.add_implicit_resolver(number_tags[1], re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+        r"|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
+def parse_value(text: str):
+    """'4' -> 4, '0.5' -> 0.5, '3e-4' -> 0.0003, '2:4' -> '2:4', 'true' -> True, '[1,2]' -> [1, 2], else the
+    string (YAML 1.2 rules, `yaml_load`)."""
+    return yaml_load(text)
 
 
 def yaml_problem(err: Exception) -> str:

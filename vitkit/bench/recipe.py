@@ -31,6 +31,7 @@ from typing import Any, Optional
 import yaml
 
 from vitkit import registry
+from vitkit.cli import yaml_load
 
 PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval", "robust", "quality")
 TRAINED = ("finetune", "robust")  # protocols that fine-tune the chain
@@ -272,7 +273,7 @@ def parse_chain(chain: str) -> list[tuple[str, dict[str, Any]]]:
             if "=" not in pair:
                 raise ValueError(f"chain `{chain}`: expected field=value in `{pair}`")
             key, value = pair.split("=", 1)
-            config[key.strip()] = yaml.safe_load(value)
+            config[key.strip()] = yaml_load(value)
         steps.append((name.strip(), config))
     return steps
 
@@ -317,7 +318,7 @@ def _read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         raise RecipeError(f"recipe {path}: no such file") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load(text)
     except yaml.YAMLError as err:
         from vitkit.cli import yaml_problem
 

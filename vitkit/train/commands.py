@@ -28,7 +28,9 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     if not path.is_file():
         raise FileNotFoundError(f"--config {args.config}: no such file")
     try:
-        recipe = yaml.safe_load(path.read_text()) or {}
+        from vitkit.cli import yaml_load
+
+        recipe = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         from vitkit.cli import yaml_problem
 
