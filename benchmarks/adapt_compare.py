@@ -84,6 +84,10 @@ def main() -> None:
         if name in SKIP:
             print(f"| {name} | skipped: {SKIP[name]} | | | |")
             continue
+        takes = next((getattr(m.config, "INPUT", None) for m in vk.methods("adapt") if m.name == name), None)
+        if takes:
+            print(f"| {name} | skipped: an input adapter, takes {takes} (docs/applications.md) | | | |")
+            continue
         try:
             rows = [run(name, seed, args.epochs, train, test) for seed in range(args.seeds)]
         except (ValueError, TypeError, NotImplementedError) as err:

@@ -60,9 +60,9 @@ class Config:
         "help": "average-pooled models: apply the head to every token, then average (no effect with a class token)"})
     logit_bias: bool = field(default=True, metadata={"help": "add the constant log(1/(C-1)) to every logit"})
     lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given; the paper's Adam lr (cosine with warmup; explain.md E4)"})
+        "help": "vk.fit's learning rate unless one is given; from the paper: its Adam lr (cosine with warmup; explain.md E4)"})
     weight_decay: float = field(default=0.0, metadata={
-        "help": "vk.fit's weight decay unless one is given; 0: the paper trains with Adam"})
+        "help": "vk.fit's weight decay unless one is given; 0 from the paper, which trains with Adam"})
 
     def __post_init__(self):
         if not self.b >= 1:

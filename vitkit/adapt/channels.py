@@ -48,9 +48,10 @@ class Config:
     train_embed: bool = field(default=True, metadata={"help": "train the new patch embedding (all bands)"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
     lr: float = field(default=3e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; the lr of benchmarks/applications.py's tiles "
+        "help": "vk.fit's learning rate unless one is given (AdamW; from benchmarks/applications.py's tiles "
                 "task, not swept)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
+    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given; "
+                                                          "from vk.fit's default, not swept for this adapter"})
 
     def __post_init__(self):
         object.__setattr__(self, "bands", tuple(self.bands))

@@ -42,9 +42,10 @@ class Config:
         "help": "train the patch embedding (and the segment embedding in tokens mode)"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
     lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; as the other input adapters: no paired demo "
-                "measured it)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
+        "help": "vk.fit's learning rate unless one is given (AdamW; from the other input adapters' demos: no "
+                "paired demo measured it)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given; "
+                                                          "from vk.fit's default, not swept for this adapter"})
 
 
 class PairTokens(nn.Module):

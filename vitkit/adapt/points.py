@@ -49,9 +49,10 @@ class Config:
                 "learned: an MLP on the 3-D centres (the baseline Any2Point compares with)"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
     lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; the lr of benchmarks/applications.py's points "
+        "help": "vk.fit's learning rate unless one is given (AdamW; from benchmarks/applications.py's points "
                 "task; not swept)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
+    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given; "
+                                                          "from vk.fit's default, not swept for this adapter"})
 
     def __post_init__(self):
         for name in ("num_groups", "group_size", "views", "hidden"):

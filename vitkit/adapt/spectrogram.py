@@ -46,9 +46,10 @@ class Config:
         "help": "train the patch embedding and the position embedding"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
     lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; the lr of benchmarks/applications.py's audio "
+        "help": "vk.fit's learning rate unless one is given (AdamW; from benchmarks/applications.py's audio "
                 "task, with `full`; not swept)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
+    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given; "
+                                                          "from vk.fit's default, not swept for this adapter"})
 
     def __post_init__(self):
         if self.img_size is not None:

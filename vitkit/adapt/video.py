@@ -50,9 +50,10 @@ class Config:
         "help": "train the tubelet embedding and the temporal position embedding"})
     train_head: bool = field(default=True, metadata={"help": "train the classification head"})
     lr: float = field(default=1e-3, metadata={
-        "help": "vk.fit's learning rate unless one is given (AdamW; the lr of benchmarks/applications.py's video "
+        "help": "vk.fit's learning rate unless one is given (AdamW; from benchmarks/applications.py's video "
                 "task, with `full`; not swept)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given"})
+    weight_decay: float = field(default=0.05, metadata={"help": "vk.fit's AdamW weight decay unless one is given; "
+                                                          "from vk.fit's default, not swept for this adapter"})
 
     def __post_init__(self):
         if self.tubelet < 1 or self.num_frames < self.tubelet or self.num_frames % self.tubelet:
