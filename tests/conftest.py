@@ -60,3 +60,10 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"offline data not found: {path}")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n auto`), the long tests (marked slow: most docs blocks that train) start first, so that
+    no worker is left running one of them alone at the end."""
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order
