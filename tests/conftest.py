@@ -65,5 +65,5 @@ def require(path: Path) -> Path:
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n auto`), the long tests (marked slow: most docs blocks that train) start first, so that
     no worker is left running one of them alone at the end."""
-    if getattr(config.option, "numprocesses", None):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker collects (the same order); the controller deals them out
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order
