@@ -112,14 +112,13 @@ def _split_pairs(pairs, what: str) -> tuple[list, torch.Tensor, Optional[torch.T
     return sensors, torch.stack(images), torch.tensor(labels) if len(labels) == len(sensors) else None
 
 
-@torch.no_grad()
-def _image_embeddings(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = [model.forward_head(model.forward_features(images[i:i + batch_size]), pre_logits=True)
-           for i in range(0, len(images), batch_size)]
-    model.train(was_training)
-    return torch.cat(out).float()
+def _image_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The frozen ViT's pooled pre-logits of `images` (`vk.evaluate`'s features), as ordinary tensors (not
+    inference-mode ones, which training may not save for backward)."""
+    from .evaluate import features
+
+    labels = torch.zeros(len(images), dtype=torch.long)
+    return features(model, torch.utils.data.TensorDataset(images, labels))[0].clone()
 
 
 def align(encoder: nn.Module, model: nn.Module, pairs, *, val=None, epochs: int = 10, lr: float = 1e-3,
