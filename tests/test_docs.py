@@ -27,7 +27,8 @@ Marker convention (also in docs/architecture.md, "Docs are tests"):
 * A non-runnable block whose first line is `# NAME.yaml` (or .yml/.json/.txt/.csv) is written to NAME in
   the folder of every later block of the same page (so a recipe shown in YAML is the file the next
   command reads).
-* A block that mentions `../shared` is skipped when the shared data folder is absent.
+* A block that mentions `../shared` (itself or a file of the page it reads) is skipped when the shared data
+  folder is absent.
 
 Python blocks start from a fork of one interpreter that has imported vitkit (and so torch and timm) once, with
 the environment a block gets: importing them took ~4 s of each of the ~50 blocks. The forked child then behaves
@@ -157,7 +158,7 @@ def collect() -> list:
                 marks.append(pytest.mark.slow)
             if block.skip:
                 marks.append(pytest.mark.skip(reason=f"docs-test skip: {block.skip}"))
-            elif "../shared" in block.source() and not SHARED.is_dir():
+            elif any("../shared" in text for text in (block.source(), *block.files.values())) and not SHARED.is_dir():
                 marks.append(pytest.mark.skip(reason=f"shared data folder not found: {SHARED}"))
             params.append(pytest.param(block, id=block.id, marks=marks))
     return params
