@@ -3,7 +3,8 @@
 Every task here is **procedural** (generated with exact labels; no such data ships offline), and every model starts
 from the embedded model `vitkit/vit-tiny-cifar` (trained on CIFAR-10 photos, 32x32, patch 4) or, where the question
 is whether image pre-training transfers, from the same architecture randomly initialised. Per seed the data, the
-split and the initialisation of new parts change.
+split and the initialisation of new parts change. The generators are `vitkit/data/generators.py` (`vk.data.procedural`,
+also `vitkit bench`'s tasks of these inputs).
 
 * audio: 8 sound events (tone, up/down chirp, AM tone, harmonic stack, noise burst, click train, two tones; random
   pitch, onset, length, level, noise), 0.5 s at 8 kHz -> log-mel 32 x 64 (`spectrogram_algo.log_mel`); adapter
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import tempfile
 import time
 
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vitkit as vk
-from vitkit.adapt.spectrogram import log_mel
+from vitkit.data.generators import clips, pairs, points, sounds, tile_maps
 
 EMBEDDED = "vitkit/vit-tiny-cifar"
 
@@ -73,50 +73,10 @@ def split(x: torch.Tensor, y: torch.Tensor, n_train: int, seed: int):
 
 # ------------------------------------------------------------------------------------------------------- audio
 
-SR, DUR = 8000, 0.5
-
-
-def sound(kind: int, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(int(SR * DUR)) / SR
-    f = rng.uniform(300, 2500)
-    if kind == 0:  # tone
-        s = np.sin(2 * np.pi * f * t)
-    elif kind in (1, 2):  # up / down chirp
-        f0, f1 = sorted(rng.uniform(200, 3500, 2))
-        f0, f1 = (f0, f1) if kind == 1 else (f1, f0)
-        s = np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * DUR)))
-    elif kind == 3:  # amplitude-modulated tone
-        s = (0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(8, 20) * t)) * np.sin(2 * np.pi * f * t)
-    elif kind == 4:  # harmonic stack
-        f0 = rng.uniform(150, 400)
-        s = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 6))
-    elif kind == 5:  # noise burst
-        s = rng.standard_normal(len(t))
-    elif kind == 6:  # click train
-        s = np.zeros(len(t))
-        s[(np.arange(0, DUR, 1 / rng.uniform(10, 40)) * SR).astype(int)] = 8.0
-    else:  # two tones
-        s = np.sin(2 * np.pi * f * t) + np.sin(2 * np.pi * f * rng.uniform(1.3, 1.9) * t)
-    env = np.zeros(len(t))
-    start = rng.uniform(0, 0.2)
-    env[(t >= start) & (t < start + rng.uniform(0.2, DUR - start))] = 1.0
-    s = s * env * rng.uniform(0.3, 1.0) / (np.abs(s).max() + 1e-9)
-    return s + rng.standard_normal(len(t)) * rng.uniform(0.01, 0.1)
-
-
-def audio_data(per_class: int, seed: int):
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(8), per_class)
-    waves = torch.tensor(np.stack([sound(int(k), rng) for k in labels]), dtype=torch.float32)
-    spec = log_mel(waves, SR, n_fft=256, hop=62, n_mels=32)[..., :64]  # (N, 1, 32, 64)
-    spec = (spec - spec.mean()) / spec.std()
-    return spec, torch.tensor(labels)
-
-
 def run_audio(seeds, epochs):
     rows = {}
     for seed in seeds:
-        x, y = audio_data(40, seed)
+        x, y = sounds(40, seed)
         train, test = split(x, y, 20, seed)
         for init in ("pretrained", "random"):
             model = fresh(init, seed, num_classes=8)
@@ -127,27 +87,6 @@ def run_audio(seeds, epochs):
 
 
 # ------------------------------------------------------------------------------------------------------- tiles
-
-# per class: mean of (B02 B03 B04 | B08 B05 B06 B07 B8A B11 B12); RGB identical, the rest differ
-RGB_MEAN = [0.3, 0.35, 0.3]
-REST = [[0.6, 0.4, 0.5, 0.55, 0.6, 0.3, 0.2], [0.3, 0.3, 0.35, 0.3, 0.3, 0.5, 0.4],
-        [0.45, 0.5, 0.4, 0.45, 0.45, 0.2, 0.6], [0.2, 0.45, 0.3, 0.25, 0.2, 0.6, 0.3]]
-
-
-def tiles(n: int, rng: np.random.Generator):
-    """(n, 10, 32, 32) normalised tiles and (n, 8, 8) majority labels of the 4x4 patches."""
-    yy, xx = np.mgrid[0:32, 0:32]
-    out, labels = np.zeros((n, 10, 32, 32), np.float32), np.zeros((n, 8, 8), np.int64)
-    for i in range(n):
-        seeds = rng.uniform(0, 32, (6, 2))
-        cls = rng.integers(0, 4, 6)
-        cover = cls[((yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2).argmin(-1)]  # Voronoi
-        means = np.array([RGB_MEAN + REST[c] for c in range(4)], np.float32)[cover]  # (32, 32, 10)
-        texture = rng.normal(0, 0.08, (32, 32, 1)) + rng.normal(0, 0.05, (32, 32, 10))
-        out[i] = ((means + texture - 0.4) / 0.2).transpose(2, 0, 1)
-        labels[i] = np.eye(4)[cover].reshape(8, 4, 8, 4, 4).sum((1, 3)).argmax(-1)
-    return torch.tensor(out), torch.tensor(labels)
-
 
 def miou(pred: torch.Tensor, y: torch.Tensor, k: int = 4) -> float:
     ious = [((pred == c) & (y == c)).sum().item() / max(((pred == c) | (y == c)).sum().item(), 1) for c in range(k)
@@ -185,8 +124,8 @@ def run_tiles(seeds, steps, shots=(8, 32, 128)):
     rows = {}
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        test_x, test_y = tiles(64, rng)
-        pool_x, pool_y = tiles(max(shots), rng)
+        test_x, test_y = tile_maps(64, rng)
+        pool_x, pool_y = tile_maps(max(shots), rng)
         for n in shots:
             for name, bands, cols in (("all 10 bands (channels)", SENTINEL2, list(range(10))),
                                       ("RGB only", ("B02", "B03", "B04"), keep)):
@@ -197,32 +136,10 @@ def run_tiles(seeds, steps, shots=(8, 32, 128)):
 
 # ------------------------------------------------------------------------------------------------------- video
 
-def clips(per_class: int, rng: np.random.Generator, frames: int = 4, speed: int = 3):
-    """(N, 3, T, 32, 32) clips of a 16x16 digit moving `speed` px/frame in one of 8 directions; labels (N,)."""
-    from sklearn.datasets import load_digits
-
-    digits = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16
-    digits = F.interpolate(digits, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
-    dirs = [(math.cos(a), math.sin(a)) for a in np.arange(8) * math.pi / 4]
-    labels = np.repeat(np.arange(8), per_class)
-    out = torch.zeros(len(labels), frames, 32, 32)
-    span = speed * (frames - 1)
-    for i, c in enumerate(labels):
-        d = digits[rng.integers(len(digits))]
-        dx, dy = dirs[c]
-        x0 = rng.uniform(max(0, -dx * span), 16 - max(0, dx * span))
-        y0 = rng.uniform(max(0, -dy * span), 16 - max(0, dy * span))
-        for f in range(frames):
-            x, y = int(round(x0 + dx * speed * f)), int(round(y0 + dy * speed * f))
-            out[i, f, y:y + 16, x:x + 16] = d
-    out = (out - 0.5) / 0.5
-    return out[:, None].expand(-1, 3, -1, -1, -1).contiguous(), torch.tensor(labels)
-
-
 def run_video(seeds, epochs):
     rows = {}
     for seed in seeds:
-        x, y = clips(40, np.random.default_rng(seed))
+        x, y = clips(40, seed)
         train, test = split(x, y, 20, seed)
         model = fresh(num_classes=8)
         vk.adapt(model, "video", num_frames=4, tubelet=2)
@@ -237,30 +154,10 @@ def run_video(seeds, epochs):
     return rows
 
 
-def pairs(per_class: int, rng: np.random.Generator, shift: int = 4):
-    """(N, 6, 32, 32) image pairs: a 16x16 digit, then the same digit moved `shift` px left/right/up/down (the label,
-    which no single image shows); labels (N,)."""
-    from sklearn.datasets import load_digits
-
-    digits = torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 16
-    digits = F.interpolate(digits, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
-    moves = [(-shift, 0), (shift, 0), (0, -shift), (0, shift)]
-    labels = np.repeat(np.arange(4), per_class)
-    out = torch.zeros(len(labels), 2, 32, 32)
-    for i, c in enumerate(labels):
-        d = digits[rng.integers(len(digits))]
-        x0, y0 = (int(v) for v in rng.integers(shift, 16 - shift + 1, size=2))
-        dx, dy = moves[c]
-        out[i, 0, y0:y0 + 16, x0:x0 + 16] = d
-        out[i, 1, y0 + dy:y0 + dy + 16, x0 + dx:x0 + dx + 16] = d
-    out = (out - 0.5) / 0.5
-    return out[:, :, None].expand(-1, -1, 3, -1, -1).reshape(len(labels), 6, 32, 32).contiguous(), torch.tensor(labels)
-
-
 def run_paired(seeds, epochs):
     rows = {}
     for seed in seeds:
-        x, y = pairs(40, np.random.default_rng(seed))
+        x, y = pairs(40, seed)
         train, test = split(x, y, 20, seed)
         for mode in ("early", "tokens"):
             model = fresh(num_classes=4)
@@ -280,9 +177,9 @@ def run_video_mae(seeds, epochs, pretrain_epochs: int = 3):
     """`video` + `full` fine-tuned as in `run_video`, with and without `video-mae` on 320 unlabelled clips first."""
     rows = {}
     for seed in seeds:
-        x, y = clips(40, np.random.default_rng(seed))
+        x, y = clips(40, seed)
         train, test = split(x, y, 20, seed)
-        pool, _ = clips(40, np.random.default_rng(1000 + seed))  # unlabelled: other digits, positions, directions
+        pool, _ = clips(40, 1000 + seed)  # unlabelled: other digits, positions, directions
         for pretrain in (False, True):
             torch.manual_seed(seed)
             model = fresh(num_classes=8)
@@ -299,44 +196,11 @@ def run_video_mae(seeds, epochs, pretrain_epochs: int = 3):
 
 # ------------------------------------------------------------------------------------------------------ points
 
-def primitive(kind: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    u, v = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
-    a = 2 * np.pi * u
-    if kind == 0:  # sphere
-        p = rng.standard_normal((n, 3))
-        p /= np.linalg.norm(p, axis=1, keepdims=True)
-    elif kind == 1:  # cube surface
-        p = rng.uniform(-1, 1, (n, 3))
-        axis = rng.integers(0, 3, n)
-        p[np.arange(n), axis] = rng.choice([-1, 1], n)
-    elif kind == 2:  # cylinder
-        p = np.stack([np.cos(a), np.sin(a), 2 * v - 1], 1)
-    elif kind == 3:  # cone
-        p = np.stack([(1 - v) * np.cos(a), (1 - v) * np.sin(a), 2 * v - 1], 1)
-    elif kind == 4:  # torus
-        b = 2 * np.pi * v
-        p = np.stack([(1 + 0.35 * np.cos(b)) * np.cos(a), (1 + 0.35 * np.cos(b)) * np.sin(a), 0.35 * np.sin(b)], 1)
-    elif kind == 5:  # square plane
-        p = np.stack([2 * u - 1, 2 * v - 1, np.zeros(n)], 1)
-    elif kind == 6:  # two parallel discs
-        r = np.sqrt(v)
-        p = np.stack([r * np.cos(a), r * np.sin(a), rng.choice([-0.5, 0.5], n)], 1)
-    else:  # cross of three sticks
-        p = np.zeros((n, 3))
-        axis = rng.integers(0, 3, n)
-        p[np.arange(n), axis] = 2 * u - 1
-        p += rng.normal(0, 0.05, (n, 3))
-    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))  # a random rotation (or reflection)
-    return (p * rng.uniform(0.8, 1.2, 3)) @ q.T + rng.normal(0, 0.01, (n, 3))
-
-
 def run_points(seeds, epochs):
     rows, fraction = {}, {}
     for seed in seeds:
-        rng = np.random.default_rng(seed)
-        labels = np.repeat(np.arange(8), 40)
-        x = torch.tensor(np.stack([primitive(int(k), 256, rng) for k in labels]), dtype=torch.float32)
-        train, test = split(x, torch.tensor(labels), 20, seed)
+        x, y = points(40, seed)
+        train, test = split(x, y, 20, seed)
         for position in ("projection", "learned"):
             torch.manual_seed(seed)
             model = fresh(num_classes=8)

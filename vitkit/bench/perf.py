@@ -84,19 +84,23 @@ def _quiet_stderr():
 
 
 def compare(baseline: nn.Module, model: nn.Module, *, batch: int = 8, device: str = "cpu", rounds: int = 5,
-            min_iters: int = 10, min_seconds: float = 0.5, warmup: int = 3, input_size=None) -> dict:
+            min_iters: int = 10, min_seconds: float = 0.5, warmup: int = 3, input_size=None,
+            baseline_input_size=None) -> dict:
     """Throughput, latency, FLOPs and memory of `model` and of `baseline`, interleaved, with ratios. The input
-    is random, of `input_size` (C, H, W) or, when None, the ViT's own size."""
+    is random, of `input_size` ((C, H, W) or any sample shape) or, when None, the ViT's own size; the baseline's
+    is the same unless `baseline_input_size` is given (an input adapter's model takes other inputs than its RGB
+    baseline)."""
     baseline.eval().to(device)
     model.eval().to(device)
     x = _input(model, batch, device, input_size)
+    xb = x if baseline_input_size is None else _input(baseline, batch, device, baseline_input_size)
     x1 = x[:1]
     with torch.no_grad():
         for _ in range(warmup):
-            baseline(x), model(x)
+            baseline(xb), model(x)
     speeds = {"baseline": [], "model": []}
     for _ in range(rounds):
-        speeds["baseline"].append(_time_round(baseline, x, min_iters, min_seconds, device))
+        speeds["baseline"].append(_time_round(baseline, xb, min_iters, min_seconds, device))
         speeds["model"].append(_time_round(model, x, min_iters, min_seconds, device))
     latency = []
     with torch.no_grad():
@@ -107,7 +111,7 @@ def compare(baseline: nn.Module, model: nn.Module, *, batch: int = 8, device: st
             _sync(device)
             latency.append(1000 * (time.perf_counter() - start))
     mem, mem_kind = peak_memory_mib(model, x, device)
-    base_mem, _ = peak_memory_mib(baseline, x, device)
+    base_mem, _ = peak_memory_mib(baseline, xb, device)
     ips, base_ips = statistics.median(speeds["model"]), statistics.median(speeds["baseline"])
     return {
         "batch": batch, "device": device, "threads": torch.get_num_threads(),

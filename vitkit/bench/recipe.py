@@ -32,6 +32,7 @@ import yaml
 
 from vitkit import registry
 from vitkit.cli import yaml_load
+from vitkit.data.generators import TASKS as PROCEDURAL_TASKS
 
 PROTOCOLS = ("linear", "knn", "finetune", "fewshot", "retrieval", "robust", "quality")
 TRAINED = ("finetune", "robust")  # protocols that fine-tune the chain
@@ -64,15 +65,25 @@ class Backbone:
 
 @dataclass(frozen=True)
 class Task:
-    """`digits` (scikit-learn, stratified 80/20, seed 0) or an image folder split per class in file order:
-    the first `train` images of each class train, the last `eval` evaluate (defaults 800 / 200 per class, so
-    a class needs at least 1,000 images; CIFAR-10 JPEGs: 800-999 evaluate, the images the embedded model
-    never trained on)."""
+    """`digits` (scikit-learn, stratified 80/20, seed 0), an image folder split per class in file order: the
+    first `train` images of each class train, the last `eval` evaluate (defaults 800 / 200 per class, so a class
+    needs at least 1,000 images; CIFAR-10 JPEGs: 800-999 evaluate, the images the embedded model never trained
+    on), or a procedural task of another input (`vk.data.procedural`: sounds, tiles, clips, pairs, points;
+    `train` + `eval` samples generated per class, defaults 20 / 20 in a recipe, seed 0)."""
 
     name: str
     root: Optional[str] = None
     train: int = 800
     eval: int = 200
+
+    @property
+    def procedural(self):
+        """The `vitkit.data.generators.Task` of a procedural task, else None."""
+        return PROCEDURAL_TASKS.get(self.name) if self.root is None else None
+
+    def takes(self) -> Optional[str]:
+        """The input adapter this task's samples are made for (None: RGB images)."""
+        return self.procedural.adapter if self.procedural else None
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,19 @@ class Chain:
     @property
     def adapter(self) -> bool:
         return any(registry.get(name).kind == "adapt" for name, _ in self.steps)
+
+    @property
+    def takes(self) -> Optional[str]:
+        """The chain's input adapter (`video`, `points`, ...: docs/applications.md), None when it takes images."""
+        return next((name for name, _ in self.steps if getattr(registry.get(name).config, "INPUT", None)), None)
+
+    def runs_on(self, task: Task) -> bool:
+        """An input adapter runs on its own procedural task only; any other chain on images, or on the RGB view of
+        a procedural task's samples (the spectrogram replicated, bands B04 B03 B02, the frame average, the first
+        image; point clouds have none)."""
+        if self.takes or task.procedural:
+            return self.takes == task.takes() if self.takes else task.procedural.view is not None
+        return True
 
     @property
     def adapter_name(self) -> Optional[str]:
@@ -172,8 +196,13 @@ class Cell:
 
     @property
     def key(self) -> str:
+        task = asdict(self.task)
+        if self.task.procedural:  # keyed on the generated samples, so a changed generator recomputes
+            from vitkit.data.generators import digest
+
+            task["data_sha256"] = digest(self.task.name, self.task.train + self.task.eval)
         payload = json.dumps({"backbone": asdict(self.backbone), "chain": self.chain.canonical(),
-                              "task": asdict(self.task), "protocol": self.protocol, "seed": self.seed,
+                              "task": task, "protocol": self.protocol, "seed": self.seed,
                               "settings": json.loads(self.settings), "vitkit_major": VITKIT_MAJOR},
                              sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -243,13 +272,14 @@ class Recipe:
         return json.dumps(out, sort_keys=True, default=str)
 
     def cells(self, device: str = "cpu", fingerprint: Optional[dict] = None) -> list[Cell]:
-        """The grid, baseline first for every backbone, skipping probes of untrained adapters; then one perf
-        cell per (backbone, chain) when `perf` is on (FLOPs counted on the first task's evaluation images)."""
+        """The grid, baseline first for every backbone, skipping probes of untrained adapters and the tasks a
+        chain does not run on (`Chain.runs_on`); then one perf cell per (backbone, chain) when `perf` is on (FLOPs
+        counted on the evaluation samples of the first task the chain runs on)."""
         chains = (BASELINE,) + tuple(c for c in self.chains if c.steps)
         out = []
         for backbone in self.backbones:
             for chain in chains:
-                for task in self.tasks:
+                for task in filter(chain.runs_on, self.tasks):
                     for protocol in self.protocols:
                         if protocol not in TRAINED and chain.adapter:
                             continue
@@ -259,17 +289,20 @@ class Recipe:
             settings = self.settings("perf", BASELINE, device, fingerprint)
             for backbone in self.backbones:
                 for chain in chains:
-                    out.append(Cell(backbone, chain, self.tasks[0], "perf", 0, settings))
+                    task = next(filter(chain.runs_on, self.tasks), None)
+                    if task is not None:
+                        out.append(Cell(backbone, chain, task, "perf", 0, settings))
         return out
 
 
 def parse_chain(chain: str) -> list[tuple[str, dict[str, Any]]]:
-    """`"lora:rank=8,alpha=16+tome:r=4"` -> [("lora", {"rank": 8, "alpha": 16}), ("tome", {"r": 4})]."""
+    """`"lora:rank=8,alpha=16+tome:r=4"` -> [("lora", {"rank": 8, "alpha": 16}), ("tome", {"r": 4})]. A value may
+    be a YAML list (`spectrogram:img_size=[32,64]`): commas inside brackets do not separate fields."""
     steps = []
     for part in filter(None, (p.strip() for p in chain.split("+"))):
         name, _, rest = part.partition(":")
         config = {}
-        for pair in filter(None, rest.split(",")):
+        for pair in filter(None, _split_fields(rest)):
             if "=" not in pair:
                 raise ValueError(f"chain `{chain}`: expected field=value in `{pair}`")
             key, value = pair.split("=", 1)
@@ -278,16 +311,26 @@ def parse_chain(chain: str) -> list[tuple[str, dict[str, Any]]]:
     return steps
 
 
+def _split_fields(text: str) -> list[str]:
+    """`a=1,b=[2,3]` -> ["a=1", "b=[2,3]"]: split at the commas outside brackets."""
+    fields, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "[(") - (ch in "])")
+        if ch == "," and depth == 0:
+            fields.append(text[start:i])
+            start = i + 1
+    return fields + [text[start:]]
+
+
 def make_chain(text: str) -> Chain:
     """Parse and validate a chain string into a `Chain` (ValueError / TypeError naming the method or field)."""
     steps = []
     for name, config in parse_chain(text):
-        method = registry.get(name)
-        takes = getattr(method.config, "INPUT", None)  # input adapters (docs/applications.md) take no RGB images
-        if takes:
-            raise ValueError(f"`{name}` takes {takes}, not a bench task's images; its benchmark is "
-                             "benchmarks/applications.py (docs/applications.md)")
-        steps.append((name, registry.make_config(method, **config)))
+        steps.append((name, registry.make_config(registry.get(name), **config)))
+    inputs = [name for name, _ in steps if getattr(registry.get(name).config, "INPUT", None)]
+    if len(inputs) > 1:
+        raise ValueError(f"{' and '.join(f'`{n}`' for n in inputs)} each replace the model's input; a chain takes "
+                         "one kind of input: keep one of them")
     return Chain(text.strip(), tuple(steps))
 
 
@@ -367,11 +410,18 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
         entry = {"name": entry} if isinstance(entry, str) else dict(entry)
         if entry.get("name") == "cifar10":
             entry.setdefault("root", os.environ.get("VITKIT_CIFAR10_JPEG", str(DEFAULT_CIFAR)))
+        if entry.get("name") in PROCEDURAL_TASKS and not entry.get("root"):
+            entry.setdefault("train", 20)
+            entry.setdefault("eval", 20)
         try:
             task = Task(**entry)
         except TypeError:
             fail(f"task {entry}: valid fields are name, root, train, eval")
-        if task.name != "digits":
+        if task.procedural:
+            if task.train < 1 or task.eval < 1:
+                fail(f"task `{task.name}`: `train` and `eval` must be >= 1 samples per class, got train={task.train}, "
+                     f"eval={task.eval}")
+        elif task.name != "digits":
             if not (task.root and Path(task.root).is_dir()):
                 raise RecipeError(f"{where}: task `{task.name}` needs an image folder `root`, got {task.root!r}")
             _check_split(task, where)
@@ -385,6 +435,11 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
     bad = [v for v in ood if v not in OOD_VARIANTS]
     if bad:
         fail(f"unknown OOD variants {bad}; valid: {OOD_VARIANTS}")
+    generated = [t.name for t in tasks if t.procedural]
+    image_only = [p for p in protocols if p in ("robust", "quality")] + (["ood"] if ood else [])
+    if generated and image_only:
+        fail(f"{' and '.join(image_only)} work on images; the procedural tasks {generated} are not images: bench them "
+             "in a recipe of their own")
 
     chains_raw = raw.get("chains", raw.get("methods", ()))
     chains_raw = all_registered_chains() if chains_raw == "all" else [chains_raw] if isinstance(chains_raw, str) \
@@ -395,6 +450,18 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
             chains.append(make_chain(str(text)))
         except (ValueError, TypeError) as err:
             fail(f"chains: `{text}`: {err}")
+    inputs = {t.takes(): t for t in tasks if t.procedural}
+    if raw.get("chains", raw.get("methods")) == "all":  # input adapters join where their task is listed
+        chains = [c for c in chains if not c.takes or c.takes in inputs]
+    for chain in chains:
+        if chain.takes and chain.takes not in inputs:
+            name = next(n for n, t in PROCEDURAL_TASKS.items() if t.adapter == chain.takes)
+            fail(f"chains: `{chain.text}`: `{chain.takes}` takes {registry.get(chain.takes).config.INPUT}, not images; "
+                 f"add the task `{name}` (vk.data.procedural) to `tasks:`, or run it on your own data with vk.fit")
+        if chain.takes:
+            problem = _input_mismatch(chain, inputs[chain.takes])
+            if problem:
+                fail(f"chains: `{chain.text}` on task `{inputs[chain.takes].name}`: {problem}")
 
     budget_raw = dict(raw.get("budget") or {})
     try:
@@ -463,6 +530,19 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
                   max_retries=max_retries, source=where)
 
 
+def _input_mismatch(chain: Chain, task: Task) -> Optional[str]:
+    """Why the chain's input adapter cannot take the task's samples, or None."""
+    from vitkit.adapt.channels import SENTINEL2
+
+    config = dict(chain.steps)[chain.takes]
+    if chain.takes == "channels" and tuple(config.bands) != SENTINEL2:
+        return (f"the tiles' bands are {list(SENTINEL2)} in that order; `channels:bands=` must name them so "
+                "(or leave it at its default)")
+    if chain.takes == "video" and config.num_frames < 4:
+        return f"the clips have 4 frames; `video:num_frames` must be at least 4, got {config.num_frames}"
+    return None
+
+
 def default_backbone_name(source: str) -> str:
     """A weights file's stem; any other source (timm name with its tag, hf-hub id, vitkit/ name) as given."""
     return Path(source).stem if source.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt")) else source
@@ -527,6 +607,5 @@ def _tensors_sha256(model) -> str:
 
 def all_registered_chains(kinds=("adapt", "accelerate")) -> list[str]:
     """Every registered method of `kinds` as a one-method chain with its defaults (`linear` and `full` are the
-    protocols' own baselines and are left out, and so are input adapters taking other inputs than images)."""
-    return [m.name for m in registry.methods() if m.kind in kinds and m.name not in ("linear", "full")
-            and not getattr(m.config, "INPUT", None)]
+    protocols' own baselines and are left out); `load_recipe` keeps the input adapters whose task is listed."""
+    return [m.name for m in registry.methods() if m.kind in kinds and m.name not in ("linear", "full")]

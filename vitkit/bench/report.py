@@ -76,7 +76,10 @@ def markdown(rows: list[dict]) -> str:
     protocols = [p for p in ACC_PROTOCOLS if any(r["protocol"] == p for r in rows)]
     quality = any(r["protocol"] == "quality" for r in rows)
     for task in sorted({r["task"] for r in rows if r["protocol"] != "perf"}):
-        lines += [f"## {task}", "",
+        generated = next((r for r in rows if r["task"] == task and r.get("task_input")), None)
+        lines += [f"## {task}", ""] + ([
+            f"*Procedural* {generated['task_input']}: the input adapter takes them; the baseline and the other "
+            f"chains take {generated['task_view']}.", ""] if generated else []) + [
                   "| backbone | chain | " + " | ".join(COLUMN[p] for p in protocols) + " | Δ finetune | params (M) "
                   "| trainable | adapter (KB) | GMACs (min–max) | img/s (×) | peak MiB | OOD mean |"
                   + (" locality | sim. overlap (AUROC) |" if quality else ""),

@@ -101,7 +101,8 @@ def task_data(task: Task):
         if task.name == "digits":
             parts = vk.data.split(vk.data.digits(), seed=0, train=0.8, eval=0.2)
         else:  # per class, in file order: the first `train` images train, the last `eval` images evaluate
-            folder = vk.data.image_folder(task.root, preload=True)
+            folder = (vk.data.procedural(task.name, task.train + task.eval) if task.procedural else
+                      vk.data.image_folder(task.root, preload=True))
             by_class: dict[int, list[int]] = {}
             for index, label in enumerate(folder.targets):
                 by_class.setdefault(label, []).append(index)
@@ -217,6 +218,7 @@ def run_cell(cell: Cell, recipe: Recipe, out: Path, device: str = "cpu", resume:
 
 
 def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
+    import vitkit as vk
     from vitkit.compress._report import size_report
 
     from .perf import compare, flops_over
@@ -225,10 +227,17 @@ def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
     baseline = build(cell.with_chain(BASELINE))
     images = _flop_images(cell, model)
     size = tuple(images.shape[1:])  # the task's input size (a non-ViT backbone has no patch grid to read it from)
-    result, batch, failed = halving_on_oom(lambda b: compare(baseline, model, batch=b, device=device, input_size=size),
+    base_images = _flop_images(cell.with_chain(BASELINE), baseline)
+    no_view = base_images is None
+    if no_view:  # point clouds: the RGB baseline is costed on blank images of its own input size
+        base_images = torch.zeros(1, *vk.data.data_config(baseline, **cell.backbone.data)["input_size"])
+    result, batch, failed = halving_on_oom(lambda b: compare(baseline, model, batch=b, device=device, input_size=size,
+                                                             baseline_input_size=tuple(base_images.shape[1:])),
                                            recipe.perf_batch, f"perf {cell.label()}")
+    if no_view:
+        result["baseline_input"] = "blank images (the task has no RGB view)"
     flops = flops_over(model, images)
-    base_flops = flops_over(baseline, images)
+    base_flops = flops_over(baseline, base_images)
     result.update(gmacs=flops["mean"], gflops=2 * flops["mean"], gmacs_min=flops["min"], gmacs_max=flops["max"],
                   flops_images=flops["n"], flops_input_dependent=flops["input_dependent"],
                   flops_ratio=flops["mean"] / base_flops["mean"], baseline_gmacs=base_flops["mean"])
@@ -239,14 +248,48 @@ def _perf_cell(cell: Cell, recipe: Recipe, device: str) -> dict:
             "baseline_model_bytes": size_report(baseline)["model_bytes"]}
 
 
-def _flop_images(cell: Cell, model, n: int = 256) -> torch.Tensor:
-    """The first `n` evaluation images of the perf cell's task, through the model's transform (FLOPs of
-    input-dependent token methods are averaged over them, with the minimum and maximum)."""
+def _flop_images(cell: Cell, model, n: int = 256) -> Optional[torch.Tensor]:
+    """The first `n` evaluation samples of the perf cell's task, through the model's transform (FLOPs of
+    input-dependent token methods are averaged over them, with the minimum and maximum); None when the cell's
+    chain does not run on the task (the RGB baseline of point clouds)."""
+    if not cell.chain.runs_on(cell.task):
+        return None
+    evaluation = task_data(cell.task)[1]
+    data = evaluation.with_transform(cell_transform(cell, model))
+    return torch.stack([data[i][0] for i in range(min(n, len(data)))])
+
+
+class TensorInput:
+    """A procedural task's sample as `model` takes it: the RGB view when the chain has no input adapter (see
+    `Chain.runs_on`), then the last two (spatial) dimensions resized (bilinear) to the model's input size. The
+    samples are standardised when generated, so nothing is normalised here."""
+
+    def __init__(self, view, size: Optional[tuple[int, int]]):
+        self.view, self.size = view, size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.view is not None:
+            x = self.view(x)
+        if self.size is None or tuple(x.shape[-2:]) == self.size:
+            return x
+        flat = x.reshape(1, -1, *x.shape[-2:])
+        out = torch.nn.functional.interpolate(flat, size=self.size, mode="bilinear", align_corners=False)
+        return out.reshape(*x.shape[:-2], *self.size)
+
+
+def cell_transform(cell: Cell, model):
+    """The transform of the cell's task for `model`: the model's image transform, or `TensorInput`."""
     import vitkit as vk
 
-    evaluation = task_data(cell.task)[1]
-    data = evaluation.with_transform(vk.data.transform(model, **cell.backbone.data))
-    return torch.stack([data[i][0] for i in range(min(n, len(data)))])
+    task = cell.task.procedural
+    if task is None:
+        return vk.data.transform(model, **cell.backbone.data)
+    if cell.chain.takes:  # the input adapter's embedding states its input: a blank sample of its size
+        embed = model.patch_embed
+        size = tuple(embed.example_input(1).shape[-2:]) if hasattr(embed, "example_input") else \
+            tuple(vk.data.data_config(model)["input_size"][1:])
+        return TensorInput(None, size if task.spatial else None)
+    return TensorInput(task.view, tuple(vk.data.data_config(model, **cell.backbone.data)["input_size"][1:]))
 
 
 def _fit_once(model, train, lr, budget, seed, out_dir: Path, resume: bool) -> tuple[dict, dict]:
@@ -286,14 +329,14 @@ def _fit(cell: Cell, recipe: Recipe, cells_dir: Path, num_classes: int, device: 
         scores = {}
         for value in grid:
             model = build(cell, num_classes=num_classes, post=False).to(device)
-            transform = vk.data.transform(model, **cell.backbone.data)
+            transform = cell_transform(cell, model)
             _fit_once(model, fit_part.with_transform(transform), value, budget, cell.seed,
                       cells_dir / cell.key / f"tune-lr{value:g}", resume)
             scores[value] = vk.evaluate(model, val_part.with_transform(transform), protocol="finetuned")["top1"]
         lr = max(grid, key=lambda v: (scores[v], -grid.index(v)))  # ties: the first listed
         info.update(tune={f"{v:g}": s for v, s in scores.items()}, tune_n_fit=len(fit_part), tune_n_val=len(val_part))
     model = build(cell, num_classes=num_classes, post=False).to(device)
-    transform = vk.data.transform(model, **cell.backbone.data)
+    transform = cell_transform(cell, model)
     _, fit_info = _fit_once(model, train.with_transform(transform), lr, budget, cell.seed,
                             cells_dir / cell.key / "fit", resume)
     info.update(fit_info, lr=lr, lr_source="tuned" if grid else "recipe" if lr is not None else "method default",
@@ -338,6 +381,8 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
 
     train, evaluation, split_sha = task_data(cell.task)
     row = {"split_sha256": split_sha, "n_train": len(train), "n_eval": len(evaluation)}
+    if cell.task.procedural:
+        row.update(task_input=cell.task.procedural.input, task_view=cell.task.procedural.view_text)
     classes = len(train.classes)
     if cell.protocol in TRAINED:
         post = bool(cell.chain.steps) and not cell.chain.adapter
@@ -371,7 +416,7 @@ def _accuracy_cell(cell: Cell, recipe: Recipe, cells_dir: Path, device: str, res
             row.update(quality(model, images, cell.backbone.data, cell.seed), params=info.total_params,
                        dtype=_dtype(model, device))
             return row
-        transform = vk.data.transform(model, **cell.backbone.data)
+        transform = cell_transform(cell, model)
         # probe cells of one (backbone, chain, task, seed, device) share their frozen features
         shared = json.dumps([cell.backbone.name, cell.backbone.weights_sha256, cell.chain.canonical(),
                              dataclasses.asdict(cell.task), cell.seed, device], default=str)

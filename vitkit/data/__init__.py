@@ -13,8 +13,9 @@ from .crops import Box, classify_crops, detect_crops, lbp_face_detector
 from .splits import few_shot, split
 from .transforms import Prepare, data_config, map_point, transform
 from .tensors import TensorDataset, tensors  # clips, tiles, point clouds: the input adapters' samples
+from .generators import procedural  # sounds, tiles, clips, pairs, points: generated tasks of those inputs
 
 __all__ = ["ArrayDataset", "CorruptImageError", "ImageFolder", "Subset", "VisionDataset", "DATASETS", "arrays",
            "cifar10_jpeg", "digits", "get", "image_folder", "read_image", "few_shot", "split", "Prepare",
            "data_config", "map_point", "transform", "Box", "classify_crops", "detect_crops", "lbp_face_detector",
-           "TensorDataset", "tensors"]
+           "TensorDataset", "tensors", "procedural"]
