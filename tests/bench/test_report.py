@@ -46,3 +46,24 @@ def test_ood_variants_are_deterministic_and_invertible():
 def test_chain_parsing():
     assert parse_chain("lora:rank=8,alpha=16+tome:r=4") == [("lora", {"rank": 8, "alpha": 16}), ("tome", {"r": 4})]
     assert parse_chain("") == []
+
+
+def test_report_tables_average_seeds_not_show_the_last():
+    """A 3-seed run: the table shows the mean ± population std over seeds, and Δ finetune compares the means (it
+    showed the last seed's row alone)."""
+    from vitkit.bench.report import markdown, over_seeds
+
+    rows = [dict(_row("m", chain, "t", "finetune", acc), seed=seed, key=f"{chain}{seed}")
+            for chain, accs in (("baseline", (0.5, 0.6, 0.7)), ("lora", (0.9, 0.6, 0.6))) for seed, acc in
+            enumerate(accs)]
+    merged = {r["chain"]: r for r in over_seeds(rows)}
+    assert merged["lora"]["acc"] == pytest.approx(0.7) and merged["lora"]["acc_runs"] == [0.9, 0.6, 0.6]
+    assert merged["lora"]["acc_std"] == pytest.approx(np.std([0.9, 0.6, 0.6]))
+    table = markdown(rows)
+    assert "| m | lora | 0.700 ± 0.141 | +0.100 |" in table and "| m | baseline | 0.600 ± 0.082 | +0.000 |" in table
+    assert "3 seeds" in table
+
+
+def test_chain_fields_may_be_lists():
+    assert parse_chain("spectrogram:img_size=[32,64],train_head=false+tome:r=2") == [
+        ("spectrogram", {"img_size": [32, 64], "train_head": False}), ("tome", {"r": 2})]

@@ -28,6 +28,29 @@ def _latest_ok(rows: list[dict]) -> list[dict]:
     return list(by_cell.values())
 
 
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """The accuracy rows of one (backbone, chain, task, protocol) merged over their seeds, when every seed is `ok`:
+    `acc` (and `clean_acc`, `ood_mean`, `acc_pre_post`, `acc_pre_compress`) the mean over seeds, `acc_std` the
+    population std over seeds, `acc_runs` and `seeds` the values per seed. Other rows pass unchanged."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["backbone"], row["chain"], row["task"], row["protocol"])].append(row)
+    out = []
+    for group in groups.values():
+        if len(group) == 1 or group[0]["protocol"] == "perf" or any(r["status"] != "ok" for r in group):
+            out += group
+            continue
+        group = sorted(group, key=lambda r: r["seed"])
+        merged = dict(group[0], seeds=[r["seed"] for r in group], acc_runs=[r["acc"] for r in group])
+        for key in ("acc", "clean_acc", "ood_mean", "acc_pre_post", "acc_pre_compress"):
+            values = [r.get(key) for r in group]
+            merged[key] = None if None in values else sum(values) / len(values)
+        mean = merged["acc"]
+        merged["acc_std"] = math.sqrt(sum((v - mean) ** 2 for v in merged["acc_runs"]) / len(group))
+        out.append(merged)
+    return out
+
+
 def zscores(rows: list[dict]) -> tuple[list[tuple[str, str, float, int]], list[tuple[str, str]]]:
     """[(backbone, chain, mean z, settings used)] best first, and the settings left out as incomplete."""
     scores: dict[tuple, dict[tuple, float]] = defaultdict(dict)
@@ -70,7 +93,7 @@ def _gmacs_text(perf: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    rows = _latest_ok(rows)
+    rows = over_seeds(_latest_ok(rows))
     perf = {(r["backbone"], r["chain"]): r for r in rows if r["protocol"] == "perf" and r["status"] == "ok"}
     lines = []
     protocols = [p for p in ACC_PROTOCOLS if any(r["protocol"] == p for r in rows)]
@@ -109,6 +132,10 @@ def markdown(rows: list[dict]) -> str:
                 cols += _quality_text(cells.get("quality"))
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
+    seeds = sorted({len(r["seeds"]) for r in rows if "seeds" in r})
+    if seeds:
+        lines += [f"Accuracies of cells run with {' or '.join(map(str, seeds))} seeds: the mean ± the population std "
+                  "over seeds (`acc_runs` in results.json); Δ finetune compares the means.", ""]
     if quality:
         lines += ["locality: mean attention distance in patches over heads and blocks (ConViT's non-locality; "
                   "'n/a': no global attention map). sim. overlap: histogram overlap of same- vs different-object "
@@ -161,7 +188,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    rows = [r for r in _latest_ok(rows) if r["status"] == "ok"]
+    rows = [r for r in over_seeds(_latest_ok(rows)) if r["status"] == "ok"]
     perf = {(r["backbone"], r["chain"]): r for r in rows if r["protocol"] == "perf"}
     tasks = sorted({r["task"] for r in rows if r["protocol"] != "perf"})
     folder.mkdir(parents=True, exist_ok=True)
@@ -300,22 +327,22 @@ def results_section(rows: list[dict], folder) -> str:
                   + " | full fine-tune (lr) | best PEFT fine-tune (trainable, lr) | best post-training chain (Δ vs full) |",
                   "|---|" + "---|" * len([p for p in ("linear", "knn") if p in protocols]) + "---|---|---|"]
         for b in backbones:
-            mine = [r for r in acc if r["backbone"] == b and r["task"] == task]
+            mine = [r for r in over_seeds(acc) if r["backbone"] == b and r["task"] == task]
             cols = [b]
             for p in ("linear", "knn"):
                 if p in protocols:
                     r = next((r for r in mine if r["protocol"] == p and r["chain"] == "baseline"), None)
-                    cols.append(_fmt(r and r["acc"]))
+                    cols.append("-" if r is None else _acc_text(r))
             full = next((r for r in mine if r["protocol"] == "finetune" and r["chain"] == "baseline"), None)
-            cols.append("-" if full is None else f"{full['acc']:.3f} ({_lr(full)})")
+            cols.append("-" if full is None else f"{_acc_text(full)} ({_lr(full)})")
             peft = [r for r in mine if r["protocol"] == "finetune" and r["chain"] != "baseline"
                     and "acc_pre_post" not in r]
             best = max(peft, key=lambda r: (r["acc"], r["chain"]), default=None)
             cols.append("-" if best is None else
-                        f"{best['chain']} {best['acc']:.3f} ({best['trainable_params']:,}, {_lr(best)})")
+                        f"{best['chain']} {_acc_text(best)} ({best['trainable_params']:,}, {_lr(best)})")
             post = [r for r in mine if r["protocol"] == "finetune" and "acc_pre_post" in r]
             bp = max(post, key=lambda r: (r["acc"], r["chain"]), default=None)
-            cols.append("-" if bp is None else f"{bp['chain']} {bp['acc']:.3f} ({bp['acc'] - bp['acc_pre_post']:+.3f})")
+            cols.append("-" if bp is None else f"{bp['chain']} {_acc_text(bp)} ({bp['acc'] - bp['acc_pre_post']:+.3f})")
             lines.append("| " + " | ".join(cols) + " |")
         lines.append("")
     tuned = [r for r in ft if r.get("tune")]
