@@ -67,3 +67,13 @@ def test_report_tables_average_seeds_not_show_the_last():
 def test_chain_fields_may_be_lists():
     assert parse_chain("spectrogram:img_size=[32,64],train_head=false+tome:r=2") == [
         ("spectrogram", {"img_size": [32, 64], "train_head": False}), ("tome", {"r": 2})]
+
+
+def test_merging_seeds_adds_no_keys_a_row_lacks():
+    from vitkit.bench.report import over_seeds
+
+    rows = [dict(_row("m", "lora", "t", "finetune", acc), seed=seed) for seed, acc in enumerate((0.5, 0.7))]
+    rows += [dict(_row("m", "tome", "t", "finetune", acc), seed=seed, acc_pre_post=0.8) for seed, acc in
+             enumerate((0.6, 0.7))]
+    merged = {r["chain"]: r for r in over_seeds(rows)}
+    assert "acc_pre_post" not in merged["lora"] and merged["tome"]["acc_pre_post"] == pytest.approx(0.8)

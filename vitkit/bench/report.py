@@ -44,7 +44,8 @@ def over_seeds(rows: list[dict]) -> list[dict]:
         merged = dict(group[0], seeds=[r["seed"] for r in group], acc_runs=[r["acc"] for r in group])
         for key in ("acc", "clean_acc", "ood_mean", "acc_pre_post", "acc_pre_compress"):
             values = [r.get(key) for r in group]
-            merged[key] = None if None in values else sum(values) / len(values)
+            if key in merged:  # a key a row lacks (post chains alone have acc_pre_post) stays absent
+                merged[key] = None if None in values else sum(values) / len(values)
         mean = merged["acc"]
         merged["acc_std"] = math.sqrt(sum((v - mean) ** 2 for v in merged["acc_runs"]) / len(group))
         out.append(merged)
@@ -300,7 +301,9 @@ def results_section(rows: list[dict], folder) -> str:
     ft = [r for r in acc if r["protocol"] == "finetune"]
     for task in tasks:
         sizes = _unique((r.get("n_train"), r.get("n_eval")) for r in acc if r["task"] == task)
-        lines.append(f"Task `{task}`: " + ", ".join(f"{a} train / {b} evaluation images" for a, b in sizes) + ".")
+        generated = next((r["task_input"] for r in acc if r["task"] == task and r.get("task_input")), None)
+        what = f"samples (*procedural* {generated})" if generated else "images"
+        lines.append(f"Task `{task}`: " + ", ".join(f"{a} train / {b} evaluation {what}" for a, b in sizes) + ".")
     if ft:
         budgets = _unique(json.dumps({k: v for k, v in (r.get("settings") or {}).get("budget", {}).items()
                                       if k in ("epochs", "batch_size", "val")}, sort_keys=True) for r in ft)
@@ -323,8 +326,9 @@ def results_section(rows: list[dict], folder) -> str:
     lines.append("")
     for task in tasks:
         lines += [f"### {task}: selected rows", "",
-                  "| backbone | " + " | ".join(p for p in ("linear", "knn") if p in protocols)
-                  + " | full fine-tune (lr) | best PEFT fine-tune (trainable, lr) | best post-training chain (Δ vs full) |",
+                  "| " + " | ".join(["backbone", *(p for p in ("linear", "knn") if p in protocols), "full fine-tune (lr)",
+                                     "best PEFT fine-tune (trainable, lr)", "best post-training chain (Δ vs full)"])
+                  + " |",
                   "|---|" + "---|" * len([p for p in ("linear", "knn") if p in protocols]) + "---|---|---|"]
         for b in backbones:
             mine = [r for r in over_seeds(acc) if r["backbone"] == b and r["task"] == task]
