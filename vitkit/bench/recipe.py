@@ -13,6 +13,10 @@ runner never reads chain strings again. Protocols (Battle of the Backbones):
 * `quality` trains nothing: attention locality and similarity overlap of the frozen features
   (`vitkit/bench/quality.py`), columns beside the accuracies, not part of the ranking.
 
+Tasks are image folders, `digits`, or procedural tasks of other inputs (`sounds`, `tiles`, `clips`, `pairs`,
+`points`; `vitkit/data/generators.py`): an input adapter runs on its own task only, every other chain and the
+baseline on the task's RGB view (`Chain.runs_on`; docs/applications.md).
+
 Loading validates everything before any cell runs (`RecipeError`, one line naming the file and field): YAML
 syntax, keys, methods and config fields, protocols, OOD variants, tasks that cannot be split into `train` +
 `eval` images per class, and backbones (each is loaded once, so a backbone that needs the unreachable hub
