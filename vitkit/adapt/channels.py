@@ -36,7 +36,7 @@ SENTINEL2 = ("B02", "B03", "B04", "B08", "B05", "B06", "B07", "B8A", "B11", "B12
 
 @dataclass(frozen=True)
 class Config:
-    INPUT: ClassVar[str] = "multispectral tiles (B, len(bands), H, W)"  # vitkit bench refuses it
+    INPUT: ClassVar[str] = "multispectral tiles (B, len(bands), H, W)"  # bench: its procedural task only
     bands: tuple[str, ...] = field(default=SENTINEL2, metadata={
         "help": "input channel names, in input order (default: PhilEO's 10 Sentinel-2 bands)"})
     rgb: tuple[str, ...] = field(default=("B04", "B03", "B02"), metadata={

@@ -34,7 +34,7 @@ from ._common import earlier_trainable, freeze_except
 
 @dataclass(frozen=True)
 class Config:
-    INPUT: ClassVar[str] = "image pairs (B, 6, H, W)"  # vitkit bench refuses it
+    INPUT: ClassVar[str] = "image pairs (B, 6, H, W)"  # bench: its procedural task only
     mode: Literal["early", "tokens"] = field(default="early", metadata={
         "help": "early: 6-channel patch embedding, second image's kernels zero (starts as the single-image model); "
                 "tokens: two token streams with a segment embedding"})

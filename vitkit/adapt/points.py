@@ -38,7 +38,7 @@ from ._common import earlier_trainable, freeze_except
 
 @dataclass(frozen=True)
 class Config:
-    INPUT: ClassVar[str] = "point clouds (B, N, 3)"  # vitkit bench refuses it
+    INPUT: ClassVar[str] = "point clouds (B, N, 3)"  # bench: its procedural task only
     num_groups: int = field(default=64, metadata={"help": "tokens G: farthest-point-sampled centres (Point-MAE: 64)"})
     group_size: int = field(default=32, metadata={"help": "k nearest points per centre (Point-MAE: 32)"})
     views: int = field(default=6, metadata={"help": "virtual projection planes V averaged for positions "

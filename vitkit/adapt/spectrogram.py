@@ -38,7 +38,7 @@ from .spectrogram_algo import log_mel  # noqa: F401  (vitkit.adapt.spectrogram.l
 
 @dataclass(frozen=True)
 class Config:
-    INPUT: ClassVar[str] = "1-channel spectrograms (B, 1, mel bins, frames)"  # vitkit bench refuses it
+    INPUT: ClassVar[str] = "1-channel spectrograms (B, 1, mel bins, frames)"  # bench: its procedural task only
     img_size: Optional[tuple[int, int]] = field(default=None, metadata={
         "help": "spectrogram size (mel bins, frames), a multiple of the patch size; AST: (128, 1024). None keeps "
                 "the model's input size"})

@@ -39,7 +39,7 @@ from ._common import earlier_trainable, freeze_except
 
 @dataclass(frozen=True)
 class Config:
-    INPUT: ClassVar[str] = "clips (B, C, T, H, W)"  # vitkit bench refuses it
+    INPUT: ClassVar[str] = "clips (B, C, T, H, W)"  # bench: its procedural task only
     num_frames: int = field(default=16, metadata={"help": "clip length T in frames (VideoMAE: 16); shorter clips "
                                                           "(multiples of `tubelet`) are accepted"})
     tubelet: int = field(default=2, metadata={"help": "frames t per tubelet (VideoMAE: 2)"})
