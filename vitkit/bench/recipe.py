@@ -85,6 +85,7 @@ class Task:
         """The `vitkit.data.generators.Task` of a procedural task, else None."""
         return PROCEDURAL_TASKS.get(self.name) if self.root is None else None
 
+    @property
     def takes(self) -> Optional[str]:
         """The input adapter this task's samples are made for (None: RGB images)."""
         return self.procedural.adapter if self.procedural else None
@@ -144,7 +145,7 @@ class Chain:
         a procedural task's samples (the spectrogram replicated, bands B04 B03 B02, the frame average, the first
         image; point clouds have none)."""
         if self.takes or task.procedural:
-            return self.takes == task.takes() if self.takes else task.procedural.view is not None
+            return self.takes == task.takes if self.takes else task.procedural.view is not None
         return True
 
     @property
@@ -454,7 +455,7 @@ def load_recipe(source: str | os.PathLike | dict, *, check_backbones: bool = Tru
             chains.append(make_chain(str(text)))
         except (ValueError, TypeError) as err:
             fail(f"chains: `{text}`: {err}")
-    inputs = {t.takes(): t for t in tasks if t.procedural}
+    inputs = {t.takes: t for t in tasks if t.procedural}
     if raw.get("chains", raw.get("methods")) == "all":  # input adapters join where their task is listed
         chains = [c for c in chains if not c.takes or c.takes in inputs]
     for chain in chains:
