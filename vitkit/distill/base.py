@@ -62,6 +62,21 @@ def get(name: str) -> DistillMethod:
     return METHODS.get(name)
 
 
+def require_plain_vit(model: nn.Module, method: str) -> None:
+    """Refuse, naming `method`, a model that is not a timm `VisionTransformer` or that already has token-sequence
+    methods (prompts, token reduction): the repair methods (`registers`, `denoise`, `locality-align`) change the
+    tokens of every patch and the prefix, so they come first."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitkit.models.runner import get_runner, has_runner
+
+    if not isinstance(model, VisionTransformer):
+        raise NotImplementedError(f"{method}: needs a timm VisionTransformer, got {type(model).__name__}")
+    if has_runner(model) and get_runner(model).owners():
+        raise NotImplementedError(f"{method}: apply it before token reduction and prompts "
+                                  f"(already applied: {', '.join(get_runner(model).owners())})")
+
+
 # ------------------------------------------------------------------------------------------------- the teacher
 def input_stats(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) a model expects (its timm data config)."""
