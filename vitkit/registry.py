@@ -170,8 +170,8 @@ def alias(name: str, of: str, **defaults) -> None:
     config.__module__ = target.config.__module__  # its string annotations resolve in the method's module
     register(name, kind=target.kind, config=config, apply=target.apply, identity=target.identity)
     shown = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-    METHODS.entries[name] = dataclasses.replace(METHODS.entries[name], doc=f"Alias of `{of}` with {shown}: "
-                                                                           f"{target.doc}")
+    entry = METHODS.entries[name]
+    METHODS.entries[name] = dataclasses.replace(entry, doc=f"Alias of `{of}` with {shown}: {target.doc}")
 
 
 def methods(kind: Optional[str] = None) -> list[Method]:
@@ -179,7 +179,7 @@ def methods(kind: Optional[str] = None) -> list[Method]:
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown kind `{kind}`; kinds: {', '.join(KINDS)}")
     found = [m for m in METHODS.all() if kind is None or m.kind == kind]
-    return sorted(found, key=lambda m: KINDS.index(m.kind))
+    return sorted(found, key=lambda m: KINDS.index(m.kind))  # stable: by name within a kind
 
 
 def get(name: str) -> Method:

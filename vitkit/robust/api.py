@@ -1,8 +1,9 @@
 """The attack registry, the attack context, `AttackResult` and `vk.attack` (contract: `vitkit/robust/__init__.py`).
 
-Attacks are tasks, not methods: they never change the model, so they live in their own registry
-(`ATTACKS`, a `vitkit.registry.Registry`), not in `vk.methods()`. Each attack module of `vitkit.robust` ends with one `register_attack(...)` call; the registry
-imports every such module on first use, so a new module is all a new attack needs.
+Attacks are tasks, not methods: they never change the model, so they live in their own registry (`ATTACKS`, a
+`vitkit.registry.Registry`), not in `vk.methods()`. Each attack module of `vitkit.robust` ends with one
+`register_attack(...)` call; the registry imports every such module on first use, so a new module is all a new
+attack needs.
 """
 from __future__ import annotations
 
