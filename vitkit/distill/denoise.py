@@ -38,7 +38,7 @@ from timm.models.vision_transformer import Block
 from vitkit.registry import apply as vk_apply, register
 
 from .base import DistillLoss, Step, Teacher, register as register_distill, require_plain_vit
-from .registers import shift_flip_target
+from .registers import last_block_patches, shift_flip_target
 
 METHOD = "denoise"
 
@@ -152,13 +152,7 @@ def total_variation(feats: torch.Tensor) -> float:
 
 def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, C, gh, gw) final-norm patch features (denoised when the model has a denoiser)."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.forward_intermediates(images, indices=[len(model.blocks) - 1], norm=True, output_fmt="NCHW",
-                                          intermediates_only=True)[0]
-    model.train(was)
-    return out
+    return last_block_patches(model, images, norm=True, output_fmt="NCHW")
 
 
 def pca_rgb(feats: torch.Tensor) -> torch.Tensor:

@@ -144,15 +144,20 @@ def shift_flip_target(student: nn.Module, teacher: Teacher, images: torch.Tensor
     return tta_target(teacher.model, teacher.input(images), views)
 
 
+def last_block_patches(model: nn.Module, images: torch.Tensor, *, norm: bool = False,
+                       output_fmt: str = "NLC") -> torch.Tensor:
+    """The patch tokens after the model's last block, (B, G, C) or as maps (B, C, gh, gw) with `output_fmt="NCHW"`;
+    after the final norm when `norm`. In eval mode under no_grad (`vk.info.frozen_eval`: the modes restored)."""
+    from vitkit.info import frozen_eval
+
+    with frozen_eval(model):
+        return model.forward_intermediates(images, indices=[len(model.blocks) - 1], norm=norm, output_fmt=output_fmt,
+                                           intermediates_only=True)[0]
+
+
 def artefact_score(model: nn.Module, images: torch.Tensor, sigmas: float = 3.0) -> float:
     """Fraction of patch tokens of the last block (before the final norm) with norm > mu + sigmas * sigma."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        last = model.forward_intermediates(images, indices=[len(model.blocks) - 1], output_fmt="NLC",
-                                           intermediates_only=True)[0]
-    model.train(was)
-    return float(algo.high_norm_fraction(last, sigmas))
+    return float(algo.high_norm_fraction(last_block_patches(model, images), sigmas))
 
 
 class RegistersLoss(DistillLoss):

@@ -134,14 +134,10 @@ class Objective(base.Objective):
         self.register_buffer("total_steps", torch.ones((), dtype=torch.long))
 
     @staticmethod
-    @torch.no_grad()
     def _probe(model: nn.Module) -> torch.Tensor:
-        was = model.training
-        model.eval()
+        """A zero image (1, C, H, W) at the model's input size, to read the feature width."""
         size = tuple(model.patch_embed.img_size)
-        x = torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=next(model.parameters()).device)
-        model.train(was)
-        return x
+        return torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=next(model.parameters()).device)
 
     def teacher_temperature(self) -> float:
         """Linear from `warmup_teacher_temp` to `teacher_temp` over the first `teacher_temp_warmup` of the steps."""
