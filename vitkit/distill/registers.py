@@ -147,7 +147,7 @@ def shift_flip_target(student: nn.Module, teacher: Teacher, images: torch.Tensor
 def last_block_patches(model: nn.Module, images: torch.Tensor, *, norm: bool = False,
                        output_fmt: str = "NLC") -> torch.Tensor:
     """The patch tokens after the model's last block, (B, G, C) or as maps (B, C, gh, gw) with `output_fmt="NCHW"`;
-    after the final norm when `norm`. In eval mode under no_grad (`vk.info.frozen_eval`: the modes restored)."""
+    after the final norm when `norm`. In eval mode under no_grad (`vitkit.info.frozen_eval`: the modes restored)."""
     from vitkit.info import frozen_eval
 
     with frozen_eval(model):
