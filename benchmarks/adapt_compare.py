@@ -20,28 +20,15 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 import vitkit as vk
+from vitkit.data.datasets import digits_tensors
 
 # Methods that cannot be compared on this task as they are, and why (a method absent from the registry is ignored).
 SKIP = {
     "dml-proxies": "metric learning: trained and measured by retrieval on held-out classes, not classification",
     "pvp": "a recipe: needs prompts pre-trained on a source task first",
 }
-
-
-def digits(n_train: int = 1000, n_test: int = 500, seed: int = 0):
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-    x = ((x - 0.5) / 0.5).contiguous()
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    tr, te = order[:n_train], order[n_train:n_train + n_test]
-    return torch.utils.data.TensorDataset(x[tr], y[tr]), torch.utils.data.TensorDataset(x[te], y[te])
 
 
 def run(name: str, seed: int, epochs: int, train, test) -> dict:
@@ -74,7 +61,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", help="only these (default: every registered adapt method)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    train, test = digits(args.train, args.test)
+    train, test = digits_tensors(args.train, args.test)
     names = args.methods or [m.name for m in vk.methods("adapt")]
     print(f"embedded CIFAR ViT -> digits ({args.train:,} train / {args.test:,} held-out), {args.epochs} epochs, "
           f"batch 50, seeds 0..{args.seeds - 1}, each method's default lr; torch threads 1\n")

@@ -89,3 +89,40 @@ def test_info_and_transform_work_after_methods_that_wrap_or_prompt(name):
 def test_misspelt_lora_names_lora():
     with pytest.raises(ValueError, match="did you mean `lora`"):
         vk.apply(make_variant("plain"), "lroa")
+
+
+def test_methods_attacks_objectives_and_distill_methods_share_one_registry():
+    """One `Registry` behind the four tables: the same name checks, unknown-name wording and --help listing."""
+    from vitkit.distill import base as distill_base
+    from vitkit.pretrain import OBJECTIVES
+    from vitkit.robust.api import ATTACKS
+
+    @dataclass(frozen=True)
+    class Documented:
+        x: int = field(default=1, metadata={"help": "the x"})
+
+    table = registry.Registry("widget", (), context="demo: ")
+    table.add(registry.Method("knob", "adapt", Documented, _identity), owner=_identity)
+    with pytest.raises(ValueError, match="demo: widget `knob` is already registered by test_registry"):
+        table.add(registry.Method("knob", "adapt", Documented, _identity), owner=_other)
+    with pytest.raises(ValueError, match="demo: widget name `Knob` must be lower case"):
+        table.add(registry.Method("Knob", "adapt", Documented, _identity), owner=_identity)
+    with pytest.raises(ValueError, match=r"demo: unknown widget `knbo`; did you mean `knob`\? registered: knob"):
+        table.get("knbo")
+    assert table.help("widgets:").splitlines()[1:] == ["  knob: The method registry: names, config validation, kinds, "
+                                                       "order of application.", "      x=1  the x"]
+    for table, name, wrong, message in [(registry.METHODS, "lora", "lroa", "unknown method `lroa`; did you mean"),
+                                        (ATTACKS, "pgd", "pdg", "attack: unknown method `pdg`; did you mean `pgd`"),
+                                        (OBJECTIVES, "mae", "mea", "pretrain: unknown objective `mea`; did you mean"),
+                                        (distill_base.METHODS, "kd", "kdd", "unknown distill method `kdd`; did you")]:
+        assert isinstance(table, registry.Registry) and table.get(name).name == name
+        with pytest.raises(ValueError, match=message):
+            table.get(wrong)
+
+
+def _identity(model, cfg):
+    return model
+
+
+def _other(model, cfg):
+    return model

@@ -111,20 +111,13 @@ class _CountTokens:
 
 @contextmanager
 def frozen_eval(model: nn.Module):
-    """Eval mode, no grad and every parameter frozen, restored afterwards. torch's module trackers (the flop
-    counter's, MemTracker's) fail on trainable parameters under no_grad (e.g. prompt views, adapter weights)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        model.eval()
-        with torch.no_grad():
-            yield model
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
-        model.train(was_training)
+    """Eval mode, no grad and every parameter frozen (`vitkit.robust.frozen`: each module's mode and each flag
+    restored afterwards). torch's module trackers (the flop counter's, MemTracker's) fail on trainable parameters
+    under no_grad (e.g. prompt views, adapter weights)."""
+    from vitkit.robust.api import frozen
+
+    with frozen(model), torch.no_grad():
+        yield model
 
 
 def count_gmacs(model: nn.Module, input_size: tuple[int, int, int], batch: int = 1) -> float:

@@ -3,6 +3,10 @@
 A method module ends with one call, `register("name", kind=..., config=Config, apply=apply)`; the registry
 imports every module of the method packages (`vitkit.adapt`, `vitkit.tokens`, `vitkit.compress`) on first
 use, so a new method appears in `vk.methods()`, the CLI, the demo and the conformance tests by existing.
+
+`Registry` is the one mechanism behind every such table: the methods here, the attacks (`vitkit.robust`), the
+pretraining objectives (`vitkit.pretrain`) and the distillation methods (`vitkit.distill`) each hold one, so
+their names, config checks, discovery, listing, unknown-name errors and `--help` lists read the same.
 """
 from __future__ import annotations
 
@@ -23,8 +27,94 @@ METHOD_PACKAGES = ("vitkit.adapt", "vitkit.tokens", "vitkit.compress", "vitkit.a
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
+class Registry:
+    """A table of named, documented things of one sort, filled by the modules of some packages.
+
+    Each entry is a frozen dataclass with (at least) a `name`, a `config` dataclass and a one-line `doc`; the
+    `owner` given to `add` is the function or class that does the work (an `apply`, an attack's `run`, ...).
+
+    Args:
+        what: what an entry is called in messages ("method", "objective", ...).
+        packages: the packages whose modules register entries, imported on first use (modules named `_*`,
+            `*_algo`, `*_layer`, `*_io` and those in `skip` are not imported).
+        skip: module names of those packages that register nothing.
+        context: the start of every error message (e.g. "pretrain: "), naming where the name was given.
+    """
+
+    def __init__(self, what: str, packages: tuple[str, ...], skip: tuple[str, ...] = (), context: str = ""):
+        self.what, self.packages, self.skip, self.context = what, packages, set(skip), context
+        self.entries: dict[str, Any] = {}
+        self._owners: dict[str, Callable] = {}
+        self._discovered = False
+
+    def add(self, entry: Any, owner: Callable) -> None:
+        """Check `entry` (its name, its documented config dataclass; no other owner under its name) and store it,
+        with `doc` the first line of the docstring of `owner`'s module."""
+        name, config, label = entry.name, entry.config, f"{self.context}{self.what} `{entry.name}`"
+        if not _NAME.match(name):
+            raise ValueError(f"{self.context}{self.what} name `{name}` must be lower case letters, digits and `-`")
+        if self._owners.get(name, owner) is not owner:
+            raise ValueError(f"{label} is already registered by {self._owners[name].__module__}")
+        if not dataclasses.is_dataclass(config):
+            raise TypeError(f"{label}: config must be a dataclass, got {config!r}")
+        missing_help = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
+        if missing_help:
+            raise ValueError(f"{label}: config fields {missing_help} need metadata={{'help': ...}}")
+        doc = (importlib.import_module(owner.__module__).__doc__ or "").strip().splitlines()
+        self.entries[name] = dataclasses.replace(entry, doc=doc[0] if doc else "")
+        self._owners[name] = owner
+
+    def discover(self) -> None:
+        """Import every module of the packages once, so each registers its entries."""
+        if self._discovered:
+            return
+        self._discovered = True
+        for package_name in self.packages:
+            package = importlib.import_module(package_name)
+            for info in pkgutil.iter_modules(package.__path__):
+                if not (info.name.startswith("_") or info.name.endswith(("_algo", "_layer", "_io"))
+                        or info.name in self.skip):
+                    importlib.import_module(f"{package_name}.{info.name}")
+
+    def all(self) -> list:
+        """Every entry, sorted by name."""
+        self.discover()
+        return sorted(self.entries.values(), key=lambda e: e.name)
+
+    def get(self, name: str) -> Any:
+        """The entry called `name`; an unknown name raises a `ValueError` naming the closest and all names."""
+        self.discover()
+        if isinstance(name, str) and name in self.entries:
+            return self.entries[name]
+        close = difflib.get_close_matches(str(name), list(self.entries), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(f'`{c}`' for c in close)}? " if close else ""
+        raise ValueError(f"{self.context}unknown {self.what} `{name}`; {hint}registered: "
+                         f"{', '.join(sorted(self.entries))}")
+
+    def help(self, title: str) -> str:
+        """`title`, then every entry's name and doc and its config fields (default, help): a `--help` epilog."""
+        lines = [title]
+        for entry in self.all():
+            lines.append(f"  {entry.name}: {entry.doc}")
+            lines += [f"      {name}={default!r}  {help_text}" for name, _, default, help_text in entry.fields()]
+        return "\n".join(lines)
+
+
+class Entry:
+    """What every registry entry offers besides its fields: `fields()`, the rendering of its `config`."""
+
+    def fields(self) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, help) for every config field."""
+        hints = typing.get_type_hints(self.config)
+        out = []
+        for f in dataclasses.fields(self.config):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+        return out
+
+
 @dataclass(frozen=True)
-class Method:
+class Method(Entry):
     """A registered method.
 
     Attributes:
@@ -43,15 +133,6 @@ class Method:
     identity: Optional[dict] = None
     doc: str = ""
 
-    def fields(self) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, help) for every config field."""
-        hints = typing.get_type_hints(self.config)
-        out = []
-        for f in dataclasses.fields(self.config):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
-        return out
-
 
 @dataclass(frozen=True)
 class Applied:
@@ -61,26 +142,14 @@ class Applied:
     config: Any
 
 
-_REGISTRY: dict[str, Method] = {}
-_discovered = False
+METHODS = Registry("method", METHOD_PACKAGES)
 
 
 def register(name: str, *, kind: str, config: type, apply: Callable, identity: Optional[dict] = None) -> None:
     """Register a method. Called once, at the foot of the method's module."""
-    if not _NAME.match(name):
-        raise ValueError(f"method name `{name}` must be lower case letters, digits and `-`")
     if kind not in KINDS:
         raise ValueError(f"method `{name}`: kind must be one of {KINDS}, got `{kind}`")
-    if name in _REGISTRY and _REGISTRY[name].apply is not apply:
-        raise ValueError(f"method `{name}` is already registered by {_REGISTRY[name].apply.__module__}")
-    if not dataclasses.is_dataclass(config):
-        raise TypeError(f"method `{name}`: config must be a dataclass, got {config!r}")
-    missing_help = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
-    if missing_help:
-        raise ValueError(f"method `{name}`: config fields {missing_help} need metadata={{'help': ...}}")
-    module = importlib.import_module(apply.__module__)
-    doc = (module.__doc__ or "").strip().splitlines()
-    _REGISTRY[name] = Method(name, kind, config, apply, identity, doc[0] if doc else "")
+    METHODS.add(Method(name, kind, config, apply, identity), owner=apply)
 
 
 def alias(name: str, of: str, **defaults) -> None:
@@ -90,7 +159,7 @@ def alias(name: str, of: str, **defaults) -> None:
     given values (help and checks inherited), so `vk.methods()`, the CLI, `vk.save`/`vk.load`, the demo and the
     bench see an ordinary method. Called at the foot of `of`'s module, after its `register`.
     """
-    target = _REGISTRY[of]
+    target = METHODS.entries[of]
     unknown = [k for k in defaults if k not in {f.name for f in dataclasses.fields(target.config)}]
     if unknown:
         raise ValueError(f"alias `{name}`: {unknown} are not fields of `{of}`'s config")
@@ -101,38 +170,21 @@ def alias(name: str, of: str, **defaults) -> None:
     config.__module__ = target.config.__module__  # its string annotations resolve in the method's module
     register(name, kind=target.kind, config=config, apply=target.apply, identity=target.identity)
     shown = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-    _REGISTRY[name] = dataclasses.replace(_REGISTRY[name], doc=f"Alias of `{of}` with {shown}: {target.doc}")
-
-
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    for package_name in METHOD_PACKAGES:
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_") and not info.name.endswith(("_algo", "_layer")):
-                importlib.import_module(f"{package_name}.{info.name}")
+    entry = METHODS.entries[name]
+    METHODS.entries[name] = dataclasses.replace(entry, doc=f"Alias of `{of}` with {shown}: {target.doc}")
 
 
 def methods(kind: Optional[str] = None) -> list[Method]:
     """Every registered method (of one kind when given), sorted by kind then name."""
-    _discover()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown kind `{kind}`; kinds: {', '.join(KINDS)}")
-    found = [m for m in _REGISTRY.values() if kind is None or m.kind == kind]
-    return sorted(found, key=lambda m: (KINDS.index(m.kind), m.name))
+    found = [m for m in METHODS.all() if kind is None or m.kind == kind]
+    return sorted(found, key=lambda m: KINDS.index(m.kind))  # stable: by name within a kind
 
 
 def get(name: str) -> Method:
     """The method called `name`; an unknown name raises a `ValueError` listing the closest names."""
-    _discover()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(f'`{c}`' for c in close)}? " if close else ""
-    raise ValueError(f"unknown method `{name}`; {hint}registered: {', '.join(sorted(_REGISTRY))}")
+    return METHODS.get(name)
 
 
 def make_config(method: Method, **kwargs) -> Any:

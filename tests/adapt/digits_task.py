@@ -7,22 +7,9 @@ warmup, batch 50, each method's own lr and weight decay unless given); accuracy 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import vitkit as vk
-
-
-def digits_split(n_train: int = 1000, n_test: int = 500, seed: int = 0):
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-    x = ((x - 0.5) / 0.5).contiguous()
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    tr, te = order[:n_train], order[n_train:n_train + n_test]
-    return torch.utils.data.TensorDataset(x[tr], y[tr]), torch.utils.data.TensorDataset(x[te], y[te])
+from vitkit.data.datasets import digits_tensors as digits_split  # noqa: F401  (the task's data, shared with benchmarks)
 
 
 def pretrained(seed: int = 0):

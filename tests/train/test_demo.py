@@ -22,9 +22,9 @@ def _broken_apply(model, cfg):
 
 @pytest.mark.slow
 def test_demo_runs_every_adapt_method_and_reports_failures(tmp_path, monkeypatch):
-    registry._discover()
-    monkeypatch.setitem(registry._REGISTRY, "zz-broken", registry.Method("zz-broken", "adapt", _BrokenConfig,
-                                                                         _broken_apply, None, "always fails"))
+    registry.METHODS.discover()
+    monkeypatch.setitem(registry.METHODS.entries, "zz-broken", registry.Method("zz-broken", "adapt", _BrokenConfig,
+                                                                               _broken_apply, None, "always fails"))
     cfg = DemoConfig(train_per_class=3, test_per_class=2, epochs=1, batch_size=16)
     summary = run_demo(cfg, tmp_path, progress=False)
     names = [r["method"] for r in summary["rows"]]

@@ -244,6 +244,27 @@ def digits(transform: Optional[Callable] = None) -> ArrayDataset:
     return ArrayDataset(bunch.images, bunch.target, [str(i) for i in range(10)], transform, value_range=(0, 16))
 
 
+def digits_tensors(n_train: int = 1000, n_test: int = 500, seed: int = 0):
+    """The digits as a ready task for a 32 px, 3-channel model: (train, test) `torch.utils.data.TensorDataset`s.
+
+    scikit-learn's 1,797 grey 8x8 images shuffled with `seed`, upsampled to 32x32 (bilinear), 3 channels,
+    normalised with mean = std = 0.5; the first `n_train` of the shuffle train, the next `n_test` are held out
+    (the PEFT learning tests' and `benchmarks/adapt_compare.py`'s task).
+    """
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = ((x - 0.5) / 0.5).contiguous()
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    tr, te = order[:n_train], order[n_train:n_train + n_test]
+    return torch.utils.data.TensorDataset(x[tr], y[tr]), torch.utils.data.TensorDataset(x[te], y[te])
+
+
 def cifar10_jpeg(root: str | os.PathLike, transform: Optional[Callable] = None, *, preload: bool = True,
                  skip_bad: bool = False) -> ImageFolder:
     """The CIFAR-10 test JPEGs (`root/<class>/NNNN.jpg`), preloaded (10,000 32x32 images, ~31 MB decoded)."""

@@ -5,12 +5,7 @@ See the package docstring (`vitkit/distill/__init__.py`) for the contract a meth
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
 import inspect
-import logging
-import pkgutil
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -18,14 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_log = logging.getLogger("vitkit")
-_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
-INFRASTRUCTURE = {"base", "run", "commands", "losses"}  # modules of the package that are not methods
+from vitkit.registry import Entry, Registry
 
 
 # ----------------------------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
-class DistillMethod:
+class DistillMethod(Entry):
     """A registered distillation method: its `Config`, its `loss` module class and `vk.fit` defaults."""
 
     name: str
@@ -34,15 +27,8 @@ class DistillMethod:
     fit_defaults: dict = field(default_factory=dict)
     doc: str = ""
 
-    def fields(self) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, help) for every config field (the shared registry's rendering)."""
-        from vitkit.registry import Method
 
-        return Method(self.name, "adapt", self.config, lambda m, c: m).fields()
-
-
-_REGISTRY: dict[str, DistillMethod] = {}
-_discovered = False
+METHODS = Registry("distill method", ("vitkit.distill",), skip=("base", "run", "commands", "losses"))
 
 
 def _fit_keys() -> set[str]:
@@ -53,55 +39,42 @@ def _fit_keys() -> set[str]:
 
 def register(name: str, *, config: type, loss: type, fit_defaults: Optional[dict] = None) -> None:
     """Register a distillation method; called once, on the last line of the method's module."""
-    if not _NAME.match(name):
-        raise ValueError(f"distill method name `{name}` must be lower case letters, digits and `-`")
-    if name in _REGISTRY and _REGISTRY[name].loss is not loss:
-        raise ValueError(f"distill method `{name}` is already registered by {_REGISTRY[name].loss.__module__}")
-    if not dataclasses.is_dataclass(config):
-        raise TypeError(f"distill method `{name}`: config must be a dataclass, got {config!r}")
-    names = [f.name for f in dataclasses.fields(config)]
-    missing = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
-    if missing:
-        raise ValueError(f"distill method `{name}`: config fields {missing} need metadata={{'help': ...}}")
-    clash = sorted(set(names) & _fit_keys())
-    if clash:
-        raise ValueError(f"distill method `{name}`: config fields {clash} are vk.fit settings; rename them, or "
-                         "state training defaults with register(..., fit_defaults={...})")
+    if dataclasses.is_dataclass(config):
+        clash = sorted({f.name for f in dataclasses.fields(config)} & _fit_keys())
+        if clash:
+            raise ValueError(f"distill method `{name}`: config fields {clash} are vk.fit settings; rename them, or "
+                             "state training defaults with register(..., fit_defaults={...})")
     bad = sorted(set(fit_defaults or {}) - _fit_keys())
     if bad:
         raise ValueError(f"distill method `{name}`: fit_defaults {bad} are not vk.fit settings")
     if not (isinstance(loss, type) and issubclass(loss, DistillLoss)):
         raise TypeError(f"distill method `{name}`: loss must be a DistillLoss subclass, got {loss!r}")
-    doc = (inspect.getmodule(loss).__doc__ or "").strip().splitlines()
-    _REGISTRY[name] = DistillMethod(name, config, loss, dict(fit_defaults or {}), doc[0] if doc else "")
-
-
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    package = importlib.import_module("vitkit.distill")
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_") and info.name not in INFRASTRUCTURE and not info.name.endswith(
-                ("_algo", "_layer", "_io")):
-            importlib.import_module(f"vitkit.distill.{info.name}")
+    METHODS.add(DistillMethod(name, config, loss, dict(fit_defaults or {})), owner=loss)
 
 
 def methods() -> list[DistillMethod]:
     """Every registered distillation method, sorted by name."""
-    _discover()
-    return sorted(_REGISTRY.values(), key=lambda m: m.name)
+    return METHODS.all()
 
 
 def get(name: str) -> DistillMethod:
     """The distillation method `name`; an unknown name raises a `ValueError` listing the closest names."""
-    _discover()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(f'`{c}`' for c in close)}? " if close else ""
-    raise ValueError(f"unknown distill method `{name}`; {hint}registered: {', '.join(sorted(_REGISTRY))}")
+    return METHODS.get(name)
+
+
+def require_plain_vit(model: nn.Module, method: str) -> None:
+    """Refuse, naming `method`, a model that is not a timm `VisionTransformer` or that already has token-sequence
+    methods (prompts, token reduction): the repair methods (`registers`, `denoise`, `locality-align`) change the
+    tokens of every patch and the prefix, so they come first."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitkit.models.runner import get_runner, has_runner
+
+    if not isinstance(model, VisionTransformer):
+        raise NotImplementedError(f"{method}: needs a timm VisionTransformer, got {type(model).__name__}")
+    if has_runner(model) and get_runner(model).owners():
+        raise NotImplementedError(f"{method}: apply it before token reduction and prompts "
+                                  f"(already applied: {', '.join(get_runner(model).owners())})")
 
 
 # ------------------------------------------------------------------------------------------------- the teacher

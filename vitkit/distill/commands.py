@@ -10,13 +10,10 @@ def _run_distill(args: argparse.Namespace) -> None:
     import vitkit as vk
     from vitkit import data
     from vitkit.cli import apply_specs, parse_pairs
-    from vitkit.train.commands import apply_recipe, load_data
+    from vitkit.train.commands import apply_recipe, train_split
 
     args = apply_recipe(args)
-    parts = load_data(args)
-    if args.train_part not in parts and list(parts) != ["all"]:
-        raise ValueError(f"--train-part {args.train_part!r} is not a split part; parts: {', '.join(parts)}")
-    train = parts.get(args.train_part, parts.get("all"))
+    parts, train = train_split(args)
     teacher = None
     if args.teacher.lower() != "none":
         teacher = vk.load(args.teacher, arch=args.teacher_arch, **parse_pairs(args.teacher_arg))
@@ -39,23 +36,16 @@ def _run_distill(args: argparse.Namespace) -> None:
           f"{Path(args.out) / 'metrics.jsonl'}")
 
 
-def _methods_epilog() -> str:
-    from .base import methods
-
-    lines = ["distillation methods (--method NAME, fields with --set KEY=VALUE):"]
-    for m in methods():
-        lines.append(f"  {m.name}: {m.doc}")
-        lines += [f"      {n}={d!r}  {h}" for n, _, d, h in m.fields()]
-    return "\n".join(lines)
-
-
 def add_commands(sub) -> None:
     """Add `distill` to the `vitkit` command line."""
-    from vitkit.train.commands import _data_args, _recipe
+    from vitkit.train.commands import _aug_args, _data_args, _run_args
+
+    from .base import METHODS
 
     p = sub.add_parser("distill", help="train a student from a frozen teacher (vk.distill): kd, logit-cache, ...",
                        description="Distil TEACHER into STUDENT on --data with a registered method; the student is "
-                       "saved to OUT/model.", epilog=_methods_epilog(),
+                       "saved to OUT/model.",
+                       epilog=METHODS.help("distillation methods (--method NAME, fields with --set KEY=VALUE):"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("teacher", help="teacher: timm name, weights file, save folder, embedded name; `none` for a "
                                    "method that trains from a complete cache alone")
@@ -74,18 +64,8 @@ def add_commands(sub) -> None:
     p.add_argument("--method", default="kd", help="distillation method (listed below)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="distillation method config field, e.g. alpha=0.9 (repeatable)")
-    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vk.fit's)")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
-                   help="training transform option for timm create_transform, e.g. scale=[0.35,1] (repeatable)")
-    p.add_argument("--out", default="runs/distill", help="run folder (checkpoints, metrics, model/)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "force"), metavar="force",
-                   help="continue from OUT/last.pt (refused when its settings differ)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    _recipe(p)
+    _aug_args(p)
+    _run_args(p, "runs/distill")
     p.set_defaults(func=_run_distill)

@@ -33,14 +33,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block
 
-from vitkit.models.runner import get_runner, has_runner
 from vitkit.registry import apply as vk_apply, register
 
-from . import registers_algo
-from .base import DistillLoss, Step, Teacher, register as register_distill
-from .registers import tta_target
+from .base import DistillLoss, Step, Teacher, register as register_distill, require_plain_vit
+from .registers import last_block_patches, shift_flip_target
 
 METHOD = "denoise"
 
@@ -106,13 +104,9 @@ class DenoisedNorm(nn.Module):
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    if not isinstance(model, VisionTransformer):
-        raise NotImplementedError(f"{METHOD}: needs a timm VisionTransformer, got {type(model).__name__}")
+    require_plain_vit(model, METHOD)
     if isinstance(model.norm, DenoisedNorm):
         raise ValueError(f"{METHOD}: the model already has a denoiser")
-    if has_runner(model) and get_runner(model).owners():
-        raise NotImplementedError(f"{METHOD}: apply it before token reduction and prompts "
-                                  f"(already applied: {', '.join(get_runner(model).owners())})")
     ref = model.patch_embed.proj.weight
     denoiser = Denoiser(model.embed_dim, cfg.pos_size, cfg.mlp_ratio).to(ref.device, ref.dtype)
     model.requires_grad_(False)
@@ -142,10 +136,8 @@ class DenoiseLoss(DistillLoss):
         self.generator = torch.Generator().manual_seed(0)
 
     def forward(self, student, teacher, images, targets) -> Step:
-        grid = tuple(s // p for s, p in zip(images.shape[-2:], student.patch_embed.patch_size))
-        views = registers_algo.choose_views(grid, self.cfg.num_views, round(self.cfg.max_shift * min(grid)),
-                                            generator=self.generator)
-        target = tta_target(teacher.model, teacher.input(images), views)
+        target = shift_flip_target(student, teacher, images, self.cfg.num_views, self.cfg.max_shift,
+                                   self.generator)
         out = student.forward_features(images)[:, student.num_prefix_tokens:]
         loss = F.mse_loss(out, target) + (1 - F.cosine_similarity(out, target, dim=-1).mean())
         return Step(None, loss, None)
@@ -160,13 +152,7 @@ def total_variation(feats: torch.Tensor) -> float:
 
 def dense_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """(B, C, gh, gw) final-norm patch features (denoised when the model has a denoiser)."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.forward_intermediates(images, indices=[len(model.blocks) - 1], norm=True, output_fmt="NCHW",
-                                          intermediates_only=True)[0]
-    model.train(was)
-    return out
+    return last_block_patches(model, images, norm=True, output_fmt="NCHW")
 
 
 def pca_rgb(feats: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from vitkit.models.runner import get_runner, has_runner
 from vitkit.registry import apply as vk_apply, register
 
 from . import locality_align_algo as algo
-from .base import DistillLoss, Step, Teacher, register as register_distill
+from .base import DistillLoss, Step, Teacher, register as register_distill, require_plain_vit
 
 METHOD = "locality-align"
 
@@ -74,13 +73,9 @@ class TokenHead(nn.Module):
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
-    if not isinstance(model, VisionTransformer):
-        raise NotImplementedError(f"{METHOD}: needs a timm VisionTransformer, got {type(model).__name__}")
+    require_plain_vit(model, METHOD)
     if isinstance(model.norm, TokenHead):
         raise ValueError(f"{METHOD}: already applied to this model")
-    if has_runner(model) and get_runner(model).owners():
-        raise NotImplementedError(f"{METHOD}: apply it before token reduction and prompts "
-                                  f"(already applied: {', '.join(get_runner(model).owners())})")
     if cfg.reset_norm and hasattr(model.norm, "reset_parameters"):
         model.norm.reset_parameters()
     ref = model.patch_embed.proj.weight

@@ -38,11 +38,10 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from vitkit.models.runner import get_runner, has_runner
 from vitkit.registry import apply as vk_apply, register
 
 from . import registers_algo as algo
-from .base import DistillLoss, Step, Teacher, register as register_distill
+from .base import DistillLoss, Step, Teacher, register as register_distill, require_plain_vit
 
 METHOD = "registers"
 
@@ -73,13 +72,9 @@ class DistillConfig(Config):
 
 
 def _check(model: nn.Module) -> None:
-    if not isinstance(model, VisionTransformer):
-        raise NotImplementedError(f"{METHOD}: needs a timm VisionTransformer, got {type(model).__name__}")
+    require_plain_vit(model, METHOD)
     if getattr(model, "dist_token", None) is not None:
         raise NotImplementedError(f"{METHOD}: models with a distillation token are not supported")
-    if has_runner(model) and get_runner(model).owners():
-        raise NotImplementedError(f"{METHOD}: apply it before token reduction and prompts "
-                                  f"(already applied: {', '.join(get_runner(model).owners())})")
 
 
 def add_registers(model: VisionTransformer, count: int) -> VisionTransformer:
@@ -140,15 +135,29 @@ def tta_target(teacher: nn.Module, images: torch.Tensor, views: list[tuple[int, 
     return algo.average_views(feats, views, grid)
 
 
+def shift_flip_target(student: nn.Module, teacher: Teacher, images: torch.Tensor, num_views: int, max_shift: float,
+                      generator: torch.Generator) -> torch.Tensor:
+    """The training target (B, G, C) of `registers` and `denoise`: `tta_target` over `num_views` views drawn on
+    the student's patch grid of `images`, shifted by at most `max_shift` of its side."""
+    grid = tuple(s // p for s, p in zip(images.shape[-2:], student.patch_embed.patch_size))
+    views = algo.choose_views(grid, num_views, round(max_shift * min(grid)), generator=generator)
+    return tta_target(teacher.model, teacher.input(images), views)
+
+
+def last_block_patches(model: nn.Module, images: torch.Tensor, *, norm: bool = False,
+                       output_fmt: str = "NLC") -> torch.Tensor:
+    """The patch tokens after the model's last block, (B, G, C) or as maps (B, C, gh, gw) with `output_fmt="NCHW"`;
+    after the final norm when `norm`. In eval mode under no_grad (`vitkit.info.frozen_eval`: the modes restored)."""
+    from vitkit.info import frozen_eval
+
+    with frozen_eval(model):
+        return model.forward_intermediates(images, indices=[len(model.blocks) - 1], norm=norm, output_fmt=output_fmt,
+                                           intermediates_only=True)[0]
+
+
 def artefact_score(model: nn.Module, images: torch.Tensor, sigmas: float = 3.0) -> float:
     """Fraction of patch tokens of the last block (before the final norm) with norm > mu + sigmas * sigma."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        last = model.forward_intermediates(images, indices=[len(model.blocks) - 1], output_fmt="NLC",
-                                           intermediates_only=True)[0]
-    model.train(was)
-    return float(algo.high_norm_fraction(last, sigmas))
+    return float(algo.high_norm_fraction(last_block_patches(model, images), sigmas))
 
 
 class RegistersLoss(DistillLoss):
@@ -167,10 +176,8 @@ class RegistersLoss(DistillLoss):
         self.generator = torch.Generator().manual_seed(0)
 
     def forward(self, student, teacher, images, targets) -> Step:
-        grid = tuple(s // p for s, p in zip(images.shape[-2:], student.patch_embed.patch_size))
-        views = algo.choose_views(grid, self.cfg.num_views, round(self.cfg.max_shift * min(grid)),
-                                  generator=self.generator)
-        target = tta_target(teacher.model, teacher.input(images), views)
+        target = shift_flip_target(student, teacher, images, self.cfg.num_views, self.cfg.max_shift,
+                                   self.generator)
         loss = algo.distill_loss(patch_tokens(student, images), target, self.cfg.mse_weight)
         return Step(None, loss, None)
 

@@ -30,6 +30,8 @@ import torch.nn as nn
 
 from vitkit.models.layout import TokenLayout, token_layout
 
+from .rollout_algo import fuse_heads
+
 _log = logging.getLogger("vitkit")
 
 HeadReduce = Union[str, int]
@@ -92,12 +94,8 @@ class LayerAttention:
             if not -a.shape[1] <= head < a.shape[1]:
                 raise ValueError(f"attention: `head` {head} out of range for {a.shape[1]} heads")
             return a[:, head]
-        if head == "mean":
-            return a.mean(1)
-        if head == "max":
-            return a.amax(1)
-        if head == "min":
-            return a.amin(1)
+        if head in ("mean", "max", "min"):
+            return fuse_heads(a, head)
         raise ValueError(f"attention: `head` must be 'mean', 'max', 'min', 'all' or an int, got {head!r}")
 
     def query_rows(self, a: torch.Tensor, query: Query = "cls") -> torch.Tensor:

@@ -43,19 +43,16 @@ defaults to a backbone lr well below its heads' (`backbone_lr`).
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
-_OBJECTIVES: dict[str, "ObjectiveEntry"] = {}
-_discovered = False
+from vitkit.registry import Entry, Registry
+
+OBJECTIVES = Registry("objective", ("vitkit.pretrain",), skip=("base", "commands", "run"), context="pretrain: ")
 
 
 @dataclass(frozen=True)
-class ObjectiveEntry:
+class ObjectiveEntry(Entry):
     """A registered objective: its name, `Config` dataclass, `Objective` module class and one-line doc."""
 
     name: str
@@ -63,50 +60,20 @@ class ObjectiveEntry:
     objective: Callable
     doc: str = ""
 
-    def fields(self) -> list[tuple[str, str, object, str]]:
-        """(name, type, default, help) for every config field (as `vk.methods()` entries give them)."""
-        from vitkit.registry import Method
-
-        return Method.fields(self)  # type: ignore[arg-type]
-
 
 def register_objective(name: str, *, config: type, objective: Callable) -> None:
     """Register an objective. Called once, at the foot of the objective's module."""
-    from vitkit.registry import _NAME
-
-    if not _NAME.match(name):
-        raise ValueError(f"objective name `{name}` must be lower case letters, digits and `-`")
-    if name in _OBJECTIVES and _OBJECTIVES[name].objective is not objective:
-        raise ValueError(f"objective `{name}` is already registered by {_OBJECTIVES[name].objective.__module__}")
-    if not dataclasses.is_dataclass(config):
-        raise TypeError(f"objective `{name}`: config must be a dataclass, got {config!r}")
-    missing = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
-    if missing:
-        raise ValueError(f"objective `{name}`: config fields {missing} need metadata={{'help': ...}}")
-    doc = (importlib.import_module(objective.__module__).__doc__ or "").strip().splitlines()
-    _OBJECTIVES[name] = ObjectiveEntry(name, config, objective, doc[0] if doc else "")
+    OBJECTIVES.add(ObjectiveEntry(name, config, objective), owner=objective)
 
 
 def objectives() -> list[ObjectiveEntry]:
     """Every registered objective, sorted by name (modules of this package are imported on first use)."""
-    global _discovered
-    if not _discovered:
-        _discovered = True
-        for info in pkgutil.iter_modules(__path__):
-            if not info.name.startswith("_") and not info.name.endswith("_algo") and info.name not in (
-                    "base", "commands", "run"):
-                importlib.import_module(f"{__name__}.{info.name}")
-    return sorted(_OBJECTIVES.values(), key=lambda e: e.name)
+    return OBJECTIVES.all()
 
 
 def get_objective(name: str) -> ObjectiveEntry:
     """The objective called `name`; an unknown name raises a `ValueError` listing the registered ones."""
-    known = {e.name: e for e in objectives()}
-    if name in known:
-        return known[name]
-    close = difflib.get_close_matches(str(name), list(known), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(f'`{c}`' for c in close)}? " if close else ""
-    raise ValueError(f"pretrain: unknown objective `{name}`; {hint}objectives: {', '.join(known)}")
+    return OBJECTIVES.get(name)
 
 
 from .run import pretrain  # noqa: E402  (the verb, after the registry it reads)

@@ -1,12 +1,15 @@
-"""What every objective shares: the base `Config` (learning rates) and the base `Objective` module.
+"""What every objective shares: the base `Config` (learning rates), the base `Objective` module, EMA teachers.
 
 Hand-written (no library has it): the split of parameters into the pretrained backbone (trained at
 `backbone_lr`) and the objective's new parts (trained at `lr`), the model checks, and the default transform.
+The momentum (EMA) teachers of `dino`, `sit` and `mmc-lite` are lightly's `update_momentum` on a frozen copy, with
+lightly's `cosine_schedule` for the momentum.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,6 +46,34 @@ class Views:
 
     def __repr__(self) -> str:
         return f"Views({len(self.transforms)})"
+
+
+def teacher_copy(module: nn.Module, make: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    """A momentum teacher for `module`: the same weights, no gradient. `make()` builds a fresh module to load them
+    into where a deep copy fails (lightly's weight-normalised DINO head)."""
+    if make is None:
+        teacher = copy.deepcopy(module)
+    else:
+        teacher = make()
+        teacher.load_state_dict(module.state_dict())
+    return teacher.requires_grad_(False)
+
+
+def ema_momentum(start: float, step: int, total_steps: int) -> float:
+    """The teacher's EMA momentum after optimizer step `step` (1-based) of `total_steps`: cosine from `start` to 1
+    (lightly's `cosine_schedule`; DINO's per-iteration schedule)."""
+    from lightly.utils.scheduler import cosine_schedule
+
+    return cosine_schedule(step - 1, total_steps, start, 1.0)
+
+
+@torch.no_grad()
+def ema_update(pairs: Sequence[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """θ_t <- m·θ_t + (1-m)·θ_s for every (student, teacher) pair (lightly's `update_momentum`)."""
+    from lightly.models.utils import update_momentum
+
+    for student, teacher in pairs:
+        update_momentum(student, teacher, momentum)
 
 
 def check_vit(model: nn.Module, objective: str) -> None:

@@ -13,13 +13,10 @@ from pathlib import Path
 def _run_pretrain(args: argparse.Namespace) -> None:
     import vitkit as vk
     from vitkit.cli import apply_specs, load_model, parse_pairs
-    from vitkit.train.commands import apply_recipe, export, export_target, load_data
+    from vitkit.train.commands import apply_recipe, export, export_target, train_split
 
     args = apply_recipe(args)
-    parts = load_data(args)
-    if args.train_part not in parts and list(parts) != ["all"]:
-        raise ValueError(f"--train-part {args.train_part!r} is not a split part; parts: {', '.join(parts)}")
-    train = parts.get(args.train_part, parts.get("all"))
+    _, train = train_split(args)
     config = parse_pairs(args.set)
     for key in ("lr", "backbone_lr"):
         if getattr(args, key) is not None:
@@ -32,33 +29,25 @@ def _run_pretrain(args: argparse.Namespace) -> None:
                 seed=args.seed, out_dir=out, resume=args.resume, num_workers=args.workers,
                 progress=not args.no_progress, **config)
     if export_path is not None:
-        export(model, export_path, dtype=args.export_dtype)
-        print(f"exported weights: {export_path}")
+        print(f"exported weights: {export(model, export_path, dtype=args.export_dtype)}")
     history = model.__dict__["_vitkit_pretrain"]["history"]
     print(json.dumps({"run_dir": str(out), "objective": args.objective, "last": history[-1] if history else None},
                      indent=2))
     print(f"results: {out / 'metrics.jsonl'}; the pretrained model: {out / 'model'} (vk.load / a bench backbone)")
 
 
-def _epilog() -> str:
-    from . import objectives
-
-    lines = ["objectives and their --set fields (default):"]
-    for entry in objectives():
-        lines.append(f"  {entry.name}: {entry.doc}")
-        lines += [f"      {name}={default!r}  {help}" for name, _, default, help in entry.fields()]
-    return "\n".join(lines)
-
-
 def add_commands(sub) -> None:
     """Add `pretrain` to the `vitkit` command line."""
     from vitkit.cli import _model_args
-    from vitkit.train.commands import _data_args, _recipe
+    from vitkit.train.commands import _data_args, _export_args, _run_args
+
+    from . import OBJECTIVES
 
     p = sub.add_parser("pretrain", help="continue self-supervised pre-training of a ViT (vk.pretrain): mae, dino, ...",
                        description="Continue pre-training a pretrained ViT on unlabelled images (labels are ignored) "
                                    "with a self-supervised objective; the result is the same timm model, saved in "
-                                   "OUT/model.", epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   "OUT/model.", epilog=OBJECTIVES.help("objectives and their --set fields (default):"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p)
     _data_args(p, "train", "train")
     p.add_argument("--objective", default="mae", help="self-supervised objective (listed below)")
@@ -70,20 +59,8 @@ def add_commands(sub) -> None:
                    help="peak lr of the pretrained ViT (default: its Config; low, or the pretrained features are lost)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an objective Config field, e.g. mask_ratio=0.6 (repeatable; listed below)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip-grad", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--out", default="runs/pretrain", help="run folder (checkpoints, metrics, model/)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "force"), metavar="force",
-                   help="continue from OUT/last.pt (refused when its settings differ; `--resume force` continues)")
-    p.add_argument("--export", metavar="FILE.safetensors",
-                   help="also write the final weights (a plain timm state dict) to this file (a bare name: inside "
-                        "the run folder)")
-    p.add_argument("--export-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    _recipe(p)
+    _export_args(p)
+    _run_args(p, "runs/pretrain")
     p.set_defaults(func=_run_pretrain)

@@ -28,7 +28,6 @@ Docs: docs/pretrain.md.
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -46,8 +45,6 @@ class Config(base.Config):
     """DINO settings (paper values in the help; head sized for small ViTs and CPU batches)."""
 
     lr: float = field(default=1e-3, metadata={"help": "peak lr of the projection head (paper: 5e-4·batch/256)"})
-    backbone_lr: float = field(default=1e-4, metadata={"help": "peak lr of the pretrained ViT (low: full lr erases "
-                                                       "the pretrained features)"})
     weight_decay: float = field(default=0.04, metadata={"help": "AdamW weight decay (paper 0.04 -> 0.4)"})
     output_dim: int = field(default=256, metadata={"help": "head output K (paper 65,536; small batches and short "
                                                    "runs need a small K: 256 measured on benchmarks/pretrain.py)"})
@@ -126,11 +123,8 @@ class Objective(base.Objective):
                                           batch_norm=cfg.head_batch_norm)
 
         self.head = make_head()
-        self.teacher = copy.deepcopy(self.model)
-        self.teacher_head = make_head()  # weight-normalised layers cannot be deep-copied: a copy of the state
-        self.teacher_head.load_state_dict(self.head.state_dict())
-        for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
-            p.requires_grad_(False)
+        self.teacher = base.teacher_copy(self.model)
+        self.teacher_head = base.teacher_copy(self.head, make_head)  # weight-normalised layers cannot be deep-copied
         for p in self.head.last_layer.parameters():  # weight_v (the row norms weight_g are fixed at 1 by lightly)
             if p.requires_grad:
                 p.register_hook(self._freeze_last_layer)
@@ -140,14 +134,10 @@ class Objective(base.Objective):
         self.register_buffer("total_steps", torch.ones((), dtype=torch.long))
 
     @staticmethod
-    @torch.no_grad()
     def _probe(model: nn.Module) -> torch.Tensor:
-        was = model.training
-        model.eval()
+        """A zero image (1, C, H, W) at the model's input size, to read the feature width."""
         size = tuple(model.patch_embed.img_size)
-        x = torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=next(model.parameters()).device)
-        model.train(was)
-        return x
+        return torch.zeros(1, model.patch_embed.proj.in_channels, *size, device=next(model.parameters()).device)
 
     def teacher_temperature(self) -> float:
         """Linear from `warmup_teacher_temp` to `teacher_temp` over the first `teacher_temp_warmup` of the steps."""
@@ -164,13 +154,6 @@ class Objective(base.Objective):
         a zero gradient does the same here (and keeps DDP's buckets full): AdamW's moments stay zero, so the update
         is zero, and weight decay only rescales `weight_v`, which the fixed-norm weight normalisation ignores."""
         return torch.zeros_like(grad) if self.last_layer_frozen() else grad
-
-    def momentum(self, index: int, total_steps: int) -> float:
-        """Teacher EMA momentum after step `index` (0-based): cosine from `momentum` to 1 over `total_steps`
-        (lightly's `cosine_schedule`, as the paper's per-iteration schedule)."""
-        from lightly.utils.scheduler import cosine_schedule
-
-        return cosine_schedule(index, total_steps, self.cfg.momentum, 1.0)
 
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         if views.ndim != 5:
@@ -214,13 +197,10 @@ class Objective(base.Objective):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """EMA of the teacher: θ_t <- m·θ_t + (1-m)·θ_s with m from the cosine schedule at the step just done."""
-        from lightly.models.utils import update_momentum
-
+        """EMA of the teacher (ViT and head), m cosine from `momentum` to 1 at the step just done."""
         self.total_steps.fill_(total_steps)
-        m = self.momentum(step - 1, total_steps)
-        update_momentum(self.model, self.teacher, m)
-        update_momentum(self.head, self.teacher_head, m)
+        base.ema_update([(self.model, self.teacher), (self.head, self.teacher_head)],
+                        base.ema_momentum(self.cfg.momentum, step, total_steps))
         self.step.fill_(step)
 
     def transform(self):

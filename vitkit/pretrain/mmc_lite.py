@@ -22,7 +22,6 @@ Docs: docs/pretrain.md.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -38,10 +37,6 @@ from .sit import projection_head
 class Config(base.Config):
     """MMC-lite settings: the three weights, and the parts' main settings (not a reproduction of MMC)."""
 
-    lr: float = field(default=1e-3, metadata={"help": "peak lr of the decoder and heads"})
-    backbone_lr: float = field(default=1e-4, metadata={"help": "peak lr of the pretrained ViT (low: full lr erases "
-                                                       "the pretrained features)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     mim_weight: float = field(default=1.0, metadata={"help": "weight of the masked reconstruction (MAE) part"})
     distill_weight: float = field(default=1.0, metadata={"help": "weight of the momentum self-distillation (DINO) "
                                                          "part"})
@@ -79,8 +74,7 @@ class Objective(base.Objective):
                                                       global_views=2, local_views=0, **shared))
         dim = model.num_features if hasattr(model, "num_features") else model.embed_dim
         self.head = projection_head(dim, 2 * cfg.proj_dim, cfg.proj_dim)
-        self.teacher_head = copy.deepcopy(self.head)
-        self.teacher_head.requires_grad_(False)
+        self.teacher_head = base.teacher_copy(self.head)
         self.criterion = NTXentLoss(temperature=cfg.temperature)
 
     @classmethod
@@ -123,10 +117,8 @@ class Objective(base.Objective):
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """The DINO part's EMA teacher step (ViT and DINO head), and the same step for the contrast head."""
-        from lightly.models.utils import update_momentum
-
         self.dino.after_step(step, total_steps)
-        update_momentum(self.head, self.teacher_head, self.dino.momentum(step - 1, total_steps))
+        base.ema_update([(self.head, self.teacher_head)], base.ema_momentum(self.cfg.momentum, step, total_steps))
 
     def transform(self):
         """Two views from the model's training transform (DINO's global crops)."""

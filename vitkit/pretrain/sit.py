@@ -22,7 +22,6 @@ Differs from the reference: noise is N(0, 1) in the normalised pixel space; bloc
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +39,6 @@ from .dino import features
 class Config(base.Config):
     """SiT settings (the reference's current objective; values in the help)."""
 
-    lr: float = field(default=1e-3, metadata={"help": "peak lr of the reconstruction and projection heads"})
-    backbone_lr: float = field(default=1e-4, metadata={"help": "peak lr of the pretrained ViT (low: full lr erases "
-                                                       "the pretrained features)"})
     weight_decay: float = field(default=0.04, metadata={"help": "AdamW weight decay"})
     corrupt_frac: float = field(default=0.5, metadata={"help": "fraction of each image's patches corrupted "
                                                        "(reference 0.5)"})
@@ -90,10 +86,8 @@ class Objective(base.Objective):
         self.recon_head = nn.Linear(model.embed_dim, self.patch[0] * self.patch[1] * chans)
         dim = model.num_features if hasattr(model, "num_features") else model.embed_dim
         self.head = projection_head(dim, cfg.hidden_dim, cfg.proj_dim)
-        self.teacher = copy.deepcopy(model)
-        self.teacher_head = copy.deepcopy(self.head)
-        for p in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
-            p.requires_grad_(False)
+        self.teacher = base.teacher_copy(model)
+        self.teacher_head = base.teacher_copy(self.head)
         self.criterion = NTXentLoss(temperature=cfg.temperature)
 
     @classmethod
@@ -141,13 +135,9 @@ class Objective(base.Objective):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        """EMA of the teacher: θ_t <- m·θ_t + (1-m)·θ_s, m cosine from `momentum` to 1 (as `dino`)."""
-        from lightly.models.utils import update_momentum
-        from lightly.utils.scheduler import cosine_schedule
-
-        m = cosine_schedule(step - 1, total_steps, self.cfg.momentum, 1.0)
-        update_momentum(self.model, self.teacher, m)
-        update_momentum(self.head, self.teacher_head, m)
+        """EMA of the teacher (ViT and projection head), m cosine from `momentum` to 1 (as `dino`)."""
+        base.ema_update([(self.model, self.teacher), (self.head, self.teacher_head)],
+                        base.ema_momentum(self.cfg.momentum, step, total_steps))
 
     def transform(self):
         """Two views from the model's training transform (random resized crop, flip, colour jitter)."""

@@ -1,15 +1,13 @@
 """The attack registry, the attack context, `AttackResult` and `vk.attack` (contract: `vitkit/robust/__init__.py`).
 
-Attacks are tasks, not methods: they never change the model, so they live in their own registry, not in
-`vk.methods()`. Each attack module of `vitkit.robust` ends with one `register_attack(...)` call; the registry
-imports every such module on first use, so a new module is all a new attack needs.
+Attacks are tasks, not methods: they never change the model, so they live in their own registry (`ATTACKS`, a
+`vitkit.registry.Registry`), not in `vk.methods()`. Each attack module of `vitkit.robust` ends with one
+`register_attack(...)` call; the registry imports every such module on first use, so a new module is all a new
+attack needs.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib
-import pkgutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -21,12 +19,11 @@ import torch.nn.functional as F
 from vitkit import registry
 
 BACKENDS = ("vitkit", "torchattacks")
-_NOT_ATTACKS = ("api", "commands", "bench", "swarm")  # swarm: the audit (vk.audit), no attack  # modules of vitkit.robust that register nothing
 
 
 # ---------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
-class Attack:
+class Attack(registry.Entry):
     """A registered attack.
 
     Attributes:
@@ -47,56 +44,26 @@ class Attack:
     torchattacks: Optional[Callable] = None
     doc: str = ""
 
-    def fields(self) -> list[tuple[str, str, Any, str]]:
-        """(name, type, default, help) for every config field."""
-        return registry.Method.fields(self)  # the same dataclass reading as the method registry
 
-
-_ATTACKS: dict[str, Attack] = {}
-_discovered = False
+# modules of vitkit.robust that register nothing (swarm: the audit, vk.audit)
+ATTACKS = registry.Registry("method", ("vitkit.robust",), skip=("api", "commands", "bench", "swarm"),
+                            context="attack: ")
 
 
 def register_attack(name: str, *, config: type, run: Callable, needs_labels: bool = True,
                     torchattacks: Optional[Callable] = None) -> None:
     """Register an attack; called once, at the foot of its module (see `Attack` for the arguments)."""
-    if not registry._NAME.match(name):
-        raise ValueError(f"attack name `{name}` must be lower case letters, digits and `-`")
-    if name in _ATTACKS and _ATTACKS[name].run is not run:
-        raise ValueError(f"attack `{name}` is already registered by {_ATTACKS[name].run.__module__}")
-    if not dataclasses.is_dataclass(config):
-        raise TypeError(f"attack `{name}`: config must be a dataclass, got {config!r}")
-    missing_help = [f.name for f in dataclasses.fields(config) if not f.metadata.get("help")]
-    if missing_help:
-        raise ValueError(f"attack `{name}`: config fields {missing_help} need metadata={{'help': ...}}")
-    doc = (importlib.import_module(run.__module__).__doc__ or "").strip().splitlines()
-    _ATTACKS[name] = Attack(name, config, run, needs_labels, torchattacks, doc[0] if doc else "")
-
-
-def _discover() -> None:
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    package = importlib.import_module("vitkit.robust")
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_") and not info.name.endswith("_algo") and info.name not in _NOT_ATTACKS:
-            importlib.import_module(f"vitkit.robust.{info.name}")
+    ATTACKS.add(Attack(name, config, run, needs_labels, torchattacks), owner=run)
 
 
 def attacks() -> list[Attack]:
     """Every registered attack, sorted by name."""
-    _discover()
-    return sorted(_ATTACKS.values(), key=lambda a: a.name)
+    return ATTACKS.all()
 
 
 def get_attack(name: str) -> Attack:
     """The attack called `name`; an unknown name raises a `ValueError` listing the closest and all names."""
-    _discover()
-    if isinstance(name, str) and name in _ATTACKS:
-        return _ATTACKS[name]
-    close = difflib.get_close_matches(str(name), list(_ATTACKS), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(f'`{c}`' for c in close)}? " if close else ""
-    raise ValueError(f"attack: unknown method `{name}`; {hint}registered: {', '.join(sorted(_ATTACKS))}")
+    return ATTACKS.get(name)
 
 
 # ---------------------------------------------------------------------------------------------- context

@@ -11,7 +11,7 @@ method may be applied before or after any adapter with the same result.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,18 @@ def take_tap(ctx: BlockContext, key: str, method: str) -> torch.Tensor:
     except KeyError:
         raise RuntimeError(f"{method}: block {ctx.index} produced no `{key}` tap; the attention module was "
                            "replaced or bypassed after the method was applied") from None
+
+
+def block_indices(model: nn.Module, blocks: Optional[Sequence[int]], default: Callable[[int], Iterable[int]],
+                  field: str, method: str) -> list[int]:
+    """The blocks a method acts in: `blocks`, or `default(depth)` when None; sorted, each once, and refused (naming
+    `method`'s config `field`) when out of range."""
+    depth = len(model.blocks)
+    chosen = sorted(set(default(depth) if blocks is None else blocks))
+    bad = [b for b in chosen if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"{method}: `{field}` {bad} out of range for a model with {depth} blocks")
+    return chosen
 
 
 def require_class_token(model: nn.Module, method: str) -> None:

@@ -58,12 +58,8 @@ class Config:
 
 
 def ats_blocks(model: nn.Module, cfg: Config) -> list[int]:
-    depth = len(model.blocks)
-    blocks = list(range(depth // 4, depth)) if cfg.blocks is None else list(cfg.blocks)
-    bad = [b for b in blocks if not 0 <= b < depth]
-    if bad:
-        raise ValueError(f"{NAME}: `blocks` {bad} out of range for a model with {depth} blocks")
-    return sorted(set(blocks))
+    """The blocks that sample: `cfg.blocks`, or the last three quarters of the model."""
+    return _common.block_indices(model, cfg.blocks, lambda depth: range(depth // 4, depth), "blocks", NAME)
 
 
 def _sample(x: torch.Tensor, ctx: BlockContext, num_samples: int) -> Optional[torch.Tensor]:

@@ -55,12 +55,9 @@ class Config:
 
 
 def drop_blocks(model: nn.Module, cfg: Config) -> list[int]:
-    depth = len(model.blocks)
-    blocks = [depth * i // 4 for i in (1, 2, 3)] if cfg.drop_loc is None else list(cfg.drop_loc)
-    bad = [b for b in blocks if not 0 <= b < depth]
-    if bad:
-        raise ValueError(f"{NAME}: `drop_loc` {bad} out of range for a model with {depth} blocks")
-    return sorted(set(blocks))
+    """The blocks that drop tokens: `cfg.drop_loc`, or those at a quarter, half and three quarters of the depth."""
+    return _common.block_indices(model, cfg.drop_loc, lambda depth: [depth * i // 4 for i in (1, 2, 3)], "drop_loc",
+                                 NAME)
 
 
 def _reduce(x: torch.Tensor, ctx: BlockContext, keep_rate: float, fuse: bool) -> Optional[torch.Tensor]:

@@ -126,11 +126,7 @@ def _propagate(x: torch.Tensor, ctx: BlockContext, num_prop: int, alpha: float) 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:
     runner = get_runner(model)
     _common.refuse_second(model, NAME)
-    depth = len(model.blocks)
-    blocks = list(range(depth)) if cfg.blocks is None else sorted(set(cfg.blocks))
-    bad = [b for b in blocks if not 0 <= b < depth]
-    if bad:
-        raise ValueError(f"{NAME}: `blocks` {bad} out of range for a model with {depth} blocks")
+    blocks = _common.block_indices(model, cfg.blocks, range, "blocks", NAME)
     if not blocks:  # num_prop = 0 still registers: eager attention, graph and ranking run, nothing dropped
         return model
     for i in blocks:  # the ranking needs the full attention matrix: timm's eager path, tapped after softmax

@@ -74,6 +74,39 @@ def load_data(args: argparse.Namespace) -> dict:
     return data.split(dataset, seed=args.split_seed, **parts)
 
 
+def train_split(args: argparse.Namespace) -> tuple[dict, object]:
+    """The parts of `--data` (`load_data`) and the one `--train-part` names (the whole dataset without --split)."""
+    parts = load_data(args)
+    if args.train_part not in parts and list(parts) != ["all"]:
+        raise ValueError(f"--train-part {args.train_part!r} is not a split part; parts: {', '.join(parts)}")
+    return parts, parts.get(args.train_part, parts.get("all"))
+
+
+def _run_args(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every training command shares (`vk.fit`'s loop, the run folder `out`), then the recipe."""
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--warmup-epochs", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--out", default=out, help="run folder (checkpoints, metrics, model/)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "force"), metavar="force",
+                        help="continue from OUT/last.pt (refused when its settings differ; `--resume force` continues)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _recipe(parser)
+
+
+def _aug_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
+                        help="training transform option for timm create_transform, e.g. scale=[0.35,1] (repeatable)")
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", metavar="FILE.safetensors",
+                        help="also write the final weights to this file (a bare name: inside the run folder)")
+    parser.add_argument("--export-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+
+
 # --- vitkit train ------------------------------------------------------------------------------------------
 def _run_train(args: argparse.Namespace) -> None:
     import vitkit as vk
@@ -84,10 +117,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from .hparams import default_hparams
 
     args = apply_recipe(args)
-    parts = load_data(args)
-    if args.train_part not in parts and list(parts) != ["all"]:
-        raise ValueError(f"--train-part {args.train_part!r} is not a split part; parts: {', '.join(parts)}")
-    train = parts.get(args.train_part, parts.get("all"))  # without --split: the whole dataset
+    parts, train = train_split(args)
     args.num_classes = args.num_classes or len(train.classes)
     model = load_model(args)
     from vitkit.registry import get
@@ -111,8 +141,7 @@ def _run_train(args: argparse.Namespace) -> None:
         raise NonFiniteLossError(f"{err} (vitkit train: lr {lr:g}" + (" from --lr" if args.lr is not None else "")
                                  + f"; e.g. --lr {lr / 10:g})") from None
     if export_path is not None:
-        export(model, export_path, dtype=args.export_dtype)
-        print(f"exported weights: {export_path}")
+        print(f"exported weights: {export(model, export_path, dtype=args.export_dtype)}")
     summary = {"run_dir": str(result.run_dir), "last": result.history[-1] if result.history else None,
                "best": result.best}
     print(json.dumps(summary, indent=2))
@@ -181,31 +210,19 @@ def _add_train(sub) -> None:
     p.add_argument("--method", action="append", default=[], metavar="NAME[:k=v,...]",
                    help="method(s) to apply first, e.g. lora:rank=8, or an augmentation (transmix, foraug: "
                         "vitkit methods --kind augment); default full (also when only augmentations are given)")
-    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: the applied methods' own, see vitkit methods; printed)")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: as --lr)")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
-                   help="training transform option for timm create_transform, e.g. scale=[0.35,1] (repeatable)")
-    p.add_argument("--out", default="runs/train", help="run folder (checkpoints, metrics)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=(True, "force"), metavar="force",
-                   help="continue from OUT/last.pt (refused when its settings differ; `--resume force` continues)")
-    p.add_argument("--export", metavar="FILE.safetensors",
-                   help="also write the final weights to this file (a bare name: inside the run folder)")
+    _aug_args(p)
+    _export_args(p)
     p.add_argument("--replace-embedded", metavar="SHA256_PREFIX",
                    help="allow --export to replace a file inside the vitkit package (an embedded model); give the "
                         "first 8+ hex digits of the replaced file's SHA-256 (the refusal prints them)")
-    p.add_argument("--export-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    _recipe(p)
+    _run_args(p, "runs/train")
     p.set_defaults(func=_run_train)
 
 
