@@ -126,6 +126,9 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> P
         "tensors": sorted(tensors),
         "data_config": loading.data_config_of(model),
     }
+    if hasattr(model, "reset_classifier") and isinstance(getattr(model, "num_classes", None), int):
+        # the head as it is now: `model.reset_classifier(n)` after vk.load leaves the base's class count behind
+        manifest["head"] = {"num_classes": model.num_classes, "global_pool": getattr(model, "global_pool", None)}
     if not full:
         manifest["base_tensors"] = unsaved
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
@@ -260,6 +263,7 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
         model = loading.load_file(file, arch=recorded.get("arch"), **model_args)
     if manifest["weights"] != "full":
         _check_base(path, manifest, model)
+    _replay_head(model, manifest.get("head"), "num_classes" in overrides)
     data = {**_tuples(manifest.get("data_config", {})), **data}
     chans = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", None)
     # input adapters (channels, spectrogram) change the channel count: their mean/std are set after the methods
@@ -281,6 +285,18 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
                          f"({len(unexpected)}), shape mismatch {shapes[:5]} ({len(shapes)})")
     model.load_state_dict(tensors, strict=manifest["weights"] == "full" and not new_head)
     return model
+
+
+def _replay_head(model: nn.Module, head: dict | None, new_classes: bool) -> None:
+    """`model.reset_classifier` as the saved model had it (class count, pooling), before the methods are applied,
+    unless the caller asked for another class count (`new_classes`: then only the pooling)."""
+    if not head or not hasattr(model, "reset_classifier"):
+        return
+    classes = model.num_classes if new_classes else head["num_classes"]
+    pool = head.get("global_pool")
+    pool = None if pool == getattr(model, "global_pool", None) else pool
+    if classes != model.num_classes or pool is not None:
+        model.reset_classifier(classes, pool)
 
 
 def _module_base(path: Path, recorded: dict, full: bool, model_args: dict) -> nn.Module:
