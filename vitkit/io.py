@@ -2,7 +2,8 @@
 
 A save folder holds `vitkit.json` (base model reference: timm name with pretrained tag, the sha256 of a weights
 file, or for a model vitkit did not load its timm name and a digest of its weights; the applied methods with
-their configs; the preprocessing; the vitkit version; the sha256 of the weights file) and `weights.safetensors`
+their configs; the head's class count and pooling, replayed with `reset_classifier` before the methods; the
+preprocessing; the vitkit version; the sha256 of the weights file) and `weights.safetensors`
 with the tensors that differ from the base (trained, changed, or added by methods). A base that cannot be
 rebuilt exactly (random initialisation) is saved whole. A save is all-or-nothing: both files are written and
 fsynced in a temporary folder beside the target, which then replaces the target in one atomic exchange, so a
