@@ -124,8 +124,8 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
         model = load_timm(source, num_classes=num_classes, pretrained=pretrained, **timm_kwargs)
     if not any_model and not isinstance(model, VisionTransformer):
         raise NotImplementedError(f"`{source}` builds a {type(model).__name__}, not a timm VisionTransformer: "
-                                  "vitkit's methods and explainers need one; vk.bench, vk.fit and vk.evaluate "
-                                  "take any timm model (vk.load(..., any_model=True))")
+                                  "vitkit's methods and explainers need one; vk.bench, vk.fit, vk.evaluate and "
+                                  "vk.info take any timm model (vk.load(..., any_model=True))")
     if data:
         set_data_config(model, **data)
     return model
