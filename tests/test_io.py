@@ -274,14 +274,15 @@ def _reset_after(model, *args):
     lambda: _perturb(vk.adapt(_reset_after(vk.load("vitkit/vit-tiny-cifar"), 5, "avg"), "linear")),  # other pool
     lambda: _reset_after(vk.adapt(vk.load("vitkit/vit-tiny-cifar"), "bitfit"), 0),  # features only
     lambda: _reset_after(make_variant("registers"), 3),  # a random base, saved whole
-], ids=["adaptformer-then-7", "5-avg-then-linear", "0-classes", "random-whole"])
+    lambda: _reset_after(timm.create_model("test_resnet", num_classes=10).eval(), 3),  # a CNN (pooling: a module)
+], ids=["adaptformer-then-7", "5-avg-then-linear", "0-classes", "random-whole", "cnn"])
 def test_a_head_reset_after_load_is_saved_and_rebuilt(make, tmp_path):
     """Before the fix vk.load(folder) rebuilt the base's head and failed with a shape mismatch."""
     model = make()
     vk.save(model, tmp_path / "m")
     back = vk.load(tmp_path / "m")
-    assert (back.num_classes, back.global_pool) == (model.num_classes, model.global_pool)
+    assert (back.num_classes, str(back.global_pool)) == (model.num_classes, str(model.global_pool))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(_logits(back, x), _logits(model, x), atol=1e-6, rtol=0)
     other = vk.load(tmp_path / "m", num_classes=4)  # another class count asked for: a new head, the same pooling
-    assert (other.head.out_features, other.global_pool) == (4, model.global_pool)
+    assert (other.get_classifier().out_features, str(other.global_pool)) == (4, str(model.global_pool))

@@ -158,7 +158,7 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
         layout.grid((h, w))  # clear error for a size the model cannot take
     else:
         in_chans, h, w = _plain_input_size(model, size)
-    head_names = head_parameter_names(model) or _classifier_names(model)
+    head_names = head_parameter_names(model) or classifier_names(model)
     params = list(model.named_parameters())
     with token_schedule(model, (h, w)) as schedule:
         gmacs = count_gmacs(model, (in_chans, h, w))  # one forward of a blank image; also fills `schedule`
@@ -194,7 +194,7 @@ def _plain_input_size(model: nn.Module, size: tuple[int, int] | None) -> tuple[i
     return (int(chans), *(size or cfg[1:]))
 
 
-def _classifier_names(model: nn.Module) -> set[str]:
+def classifier_names(model: nn.Module) -> set[str]:
     """Parameter names of a timm model's classifier (`get_classifier()`: `fc` of a ResNet, `head.fc` of a
     ConvNeXt); empty for other modules."""
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None

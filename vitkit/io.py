@@ -129,7 +129,8 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> P
     }
     if hasattr(model, "reset_classifier") and isinstance(getattr(model, "num_classes", None), int):
         # the head as it is now: `model.reset_classifier(n)` after vk.load leaves the base's class count behind
-        manifest["head"] = {"num_classes": model.num_classes, "global_pool": getattr(model, "global_pool", None)}
+        pool = getattr(model, "global_pool", None)  # a ViT's pooling name (a CNN's is a module: not replayed)
+        manifest["head"] = {"num_classes": model.num_classes, "global_pool": pool if isinstance(pool, str) else None}
     if not full:
         manifest["base_tensors"] = unsaved
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
@@ -224,6 +225,7 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
     """
     from safetensors.torch import load_file
 
+    from .info import classifier_names
     from .models import loading
 
     path = Path(path)
@@ -275,7 +277,9 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
     loading.set_data_config(model, **{k: v for k, v in data.items() if k not in early})
     tensors = load_file(str(path / WEIGHTS))
     expected = model.state_dict()
-    new_head = [k for k in tensors if "num_classes" in overrides and k.startswith(("head.", "head_dist."))
+    heads = classifier_names(model)  # a CNN's `fc`, say
+    new_head = [k for k in tensors if "num_classes" in overrides and (k.startswith(("head.", "head_dist.")) or
+                                                                      k in heads)
                 and k in expected and expected[k].shape != tensors[k].shape]
     for key in new_head:  # another class count asked for (e.g. a bench task): the rebuilt model keeps a new head
         tensors.pop(key)
@@ -295,7 +299,7 @@ def _replay_head(model: nn.Module, head: dict | None, new_classes: bool) -> None
         return
     classes = model.num_classes if new_classes else head["num_classes"]
     pool = head.get("global_pool")
-    pool = None if pool == getattr(model, "global_pool", None) else pool
+    pool = None if pool == getattr(model, "global_pool", None) else pool  # None: keep the model's pooling
     if classes != model.num_classes or pool is not None:
         model.reset_classifier(classes, pool)
 
