@@ -164,6 +164,8 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     elif getattr(model, "computes_loss", False):
         refuse_attached(model, "fit", "the model computes its own loss on the plain batch (`computes_loss`)")
     net = model if objective is None else objective  # what the optimizer, Accelerate and checkpoints see
+    if objective is not None:
+        objective.distribute(world, accelerator.device)  # batch norm over the global batch (DINO's heads)
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: no parameter requires grad; apply an adaptation method first, e.g. "
