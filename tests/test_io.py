@@ -275,7 +275,9 @@ def _reset_after(model, *args):
     lambda: _reset_after(vk.adapt(vk.load("vitkit/vit-tiny-cifar"), "bitfit"), 0),  # features only
     lambda: _reset_after(make_variant("registers"), 3),  # a random base, saved whole
     lambda: _reset_after(timm.create_model("test_resnet", num_classes=10).eval(), 3),  # a CNN (pooling: a module)
-], ids=["adaptformer-then-7", "5-avg-then-linear", "0-classes", "random-whole", "cnn"])
+    # not loaded by vitkit, token pooling -> avg: its final norm stays `norm` (not `fc_norm`) and must be rebuilt so
+    lambda: _reset_after(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10).eval(), 5, "avg"),
+], ids=["adaptformer-then-7", "5-avg-then-linear", "0-classes", "random-whole", "cnn", "timm-token-to-avg"])
 def test_a_head_reset_after_load_is_saved_and_rebuilt(make, tmp_path):
     """Before the fix vk.load(folder) rebuilt the base's head and failed with a shape mismatch."""
     model = make()

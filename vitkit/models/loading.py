@@ -535,7 +535,9 @@ def module_base(model: nn.Module) -> dict:
     args: dict[str, Any] = {}
     if isinstance(model, VisionTransformer):
         args = {"num_classes": model.num_classes, "img_size": list(model.patch_embed.img_size),
-                "global_pool": model.global_pool}
+                "global_pool": model.global_pool,
+                # where the final norm sits follows global_pool at construction only (reset_classifier keeps it)
+                "fc_norm": not isinstance(model.fc_norm, nn.Identity)}
         if getattr(model, "dynamic_img_size", False):
             args["dynamic_img_size"] = True
     return {"kind": "module", "name": f"{arch}.{tag}" if arch and tag else arch, "pretrained": None,
