@@ -97,7 +97,7 @@ def test_gradcam_target_out_of_range(files, capsys, tmp_path):
 # --- bad values: one line naming the value, exit 2 (before: tracebacks, torch's messages, or a silent empty mask)
 
 @pytest.mark.parametrize("command, extra, words", [
-    ("explain", ["--method", "gradcam", "--layer", "99"], ["gradcam: `layer` 99 out of range", "6 blocks"]),  # was exit 1
+    ("explain", ["--method", "gradcam", "--layer", "99"], ["gradcam: `layer` 99 out of range", "6 blocks"]),  # exit 1
     ("explain", ["--mean", "0.5,0.5"], ["`mean` has 2 values", "3 channel"]),  # torch's "size of tensor a (3)..."
     ("explain", ["--std", "0"], ["`std` must be > 0"]),
     ("explain", ["--out", "heat.txt"], ["cannot write an image to", "heat.txt", ".png"]),
