@@ -260,3 +260,31 @@ def test_cli_model_argument_that_is_not_a_number_is_one_line(capsys):
     code = cli.main(["info", "vitkit/vit-tiny-cifar", "--model-arg", "num_heads=x"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "`num_heads`" in err, err
+
+
+# --- a head changed with model.reset_classifier after vk.load is rebuilt by vk.load(folder) -------------------
+
+def _reset_after(model, *args):
+    model.reset_classifier(*args)
+    return model
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _perturb(_reset_after(vk.adapt(vk.load("vitkit/vit-tiny-cifar"), "adaptformer"), 7)),  # adapt, then a head
+    lambda: _perturb(vk.adapt(_reset_after(vk.load("vitkit/vit-tiny-cifar"), 5, "avg"), "linear")),  # other pool
+    lambda: _reset_after(vk.adapt(vk.load("vitkit/vit-tiny-cifar"), "bitfit"), 0),  # features only
+    lambda: _reset_after(make_variant("registers"), 3),  # a random base, saved whole
+    lambda: _reset_after(timm.create_model("test_resnet", num_classes=10).eval(), 3),  # a CNN (pooling: a module)
+    # not loaded by vitkit, token pooling -> avg: its final norm stays `norm` (not `fc_norm`) and must be rebuilt so
+    lambda: _reset_after(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10).eval(), 5, "avg"),
+], ids=["adaptformer-then-7", "5-avg-then-linear", "0-classes", "random-whole", "cnn", "timm-token-to-avg"])
+def test_a_head_reset_after_load_is_saved_and_rebuilt(make, tmp_path):
+    """Before the fix vk.load(folder) rebuilt the base's head and failed with a shape mismatch."""
+    model = make()
+    vk.save(model, tmp_path / "m")
+    back = vk.load(tmp_path / "m")
+    assert (back.num_classes, str(back.global_pool)) == (model.num_classes, str(model.global_pool))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(_logits(back, x), _logits(model, x), atol=1e-6, rtol=0)
+    other = vk.load(tmp_path / "m", num_classes=4)  # another class count asked for: a new head, the same pooling
+    assert (other.get_classifier().out_features, str(other.global_pool)) == (4, str(model.global_pool))

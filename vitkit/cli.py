@@ -93,12 +93,14 @@ def apply_specs(model, specs: list[str]):
 def _run_info(args: argparse.Namespace) -> None:
     import vitkit as vk
 
+    if not any(pair.startswith("any_model=") for pair in args.model_arg):
+        args.model_arg = [*args.model_arg, "any_model=true"]  # vk.info reports any timm model (no token layout)
     model = apply_specs(load_model(args), args.method)
     info = vk.info(model, input_size=args.input_size)
     print(info)
     if args.json:
         print(json.dumps({"total_params": info.total_params, "trainable_params": info.trainable_params,
-                          "gmacs": info.gmacs, "num_prefix_tokens": info.layout.num_prefix_tokens,
+                          "gmacs": info.gmacs, "num_prefix_tokens": info.layout and info.layout.num_prefix_tokens,
                           "methods": info.methods}, indent=2))
 
 

@@ -1,5 +1,8 @@
 """`vk.info`: parameters (total, trainable, head), FLOPs from torch's flop counter, token layout, methods.
 
+A model that is not a ViT (a timm ResNet or ConvNeXt loaded with `any_model=True`, any `nn.Module`) has no token
+layout (`layout` None); its parameters and FLOPs are given at its `pretrained_cfg` input size or `input_size`.
+
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode`, which has no formula for the CPU fused-attention
 kernel, so attention is switched to timm's eager path while counting (and restored), as bench.md §5 says.
 """
@@ -28,7 +31,7 @@ class Info:
     trainable_head_params: int
     gmacs: float
     input_size: tuple[int, int, int]
-    layout: TokenLayout
+    layout: TokenLayout | None  # None: not a ViT (no tokens)
     methods: list[tuple[str, dict]] = field(default_factory=list)
     # token reduction at `input_size`: {"method": name, "r": merges per block after the caps (ToMe),
     # "tokens": sequence length after each block (prompts included), "observed": measured on one blank image
@@ -49,7 +52,7 @@ class Info:
             f" | {t - self.trainable_head_params:,} trainable without the head ({self.head_params:,} head)",
             f"compute     {self.gmacs:.3f} GMACs at {self.input_size[1]}x{self.input_size[2]}",
             f"tokens      {self.layout.num_tokens((self.input_size[1], self.input_size[2]))} "
-            f"({self.layout.describe()})",
+            f"({self.layout.describe()})" if self.layout is not None else "tokens      - (not a ViT)",
         ]
         if self.methods:
             lines.append("methods     " + " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in c.items())})"
@@ -140,17 +143,21 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int, int], batch: int =
 
 def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> Info:
     """Summarise a model (see `Info`). `input_size` is (H, W) pixels; the model's own size when None."""
-    layout = token_layout(model)
-    h, w = layout.img_size if input_size is None else (
+    layout = token_layout(model) if hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") else None
+    size = None if input_size is None else (
         (input_size, input_size) if isinstance(input_size, int) else tuple(input_size))
-    layout.grid((h, w))  # clear error for a size the model cannot take
-    in_chans = layout.in_chans
-    head_names = head_parameter_names(model)
+    if layout is not None:
+        (h, w), in_chans = size or layout.img_size, layout.in_chans
+        layout.grid((h, w))  # clear error for a size the model cannot take
+    else:
+        in_chans, h, w = _plain_input_size(model, size)
+    head_names = head_parameter_names(model) or classifier_names(model)
     params = list(model.named_parameters())
     with token_schedule(model, (h, w)) as schedule:
         gmacs = count_gmacs(model, (in_chans, h, w))  # one forward of a blank image; also fills `schedule`
     base = model.__dict__.get("_vitkit_base", {})
-    name = base.get("name") or base.get("path") or getattr(model, "pretrained_cfg", {}).get("architecture", "vit")
+    name = (base.get("name") or base.get("path") or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+            or ("vit" if layout is not None else type(model).__name__))
     return Info(
         name=str(name),
         total_params=sum(p.numel() for _, p in params),
@@ -164,6 +171,28 @@ def info(model: nn.Module, input_size: int | tuple[int, int] | None = None) -> I
         token_schedule=schedule or None,
         eager_attention=eager_attention(model),
     )
+
+
+def _plain_input_size(model: nn.Module, size: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(C, H, W) for a model without a token layout: its `pretrained_cfg` input size, `size` replacing (H, W)."""
+    cfg = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if size is None and not cfg:
+        raise ValueError(f"vk.info: {type(model).__name__} is not a ViT and states no input size (no "
+                         "`pretrained_cfg`); pass input_size=(H, W) (CLI: --input-size)")
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = cfg[0] if cfg else getattr(conv, "in_channels", None)
+    if chans is None:
+        raise ValueError(f"vk.info: {type(model).__name__} is not a ViT and has no `pretrained_cfg` or convolution "
+                         "that tells its input channels; count its FLOPs with torch's FlopCounterMode instead")
+    return (int(chans), *(size or cfg[1:]))
+
+
+def classifier_names(model: nn.Module) -> set[str]:
+    """Parameter names of a timm model's classifier (`get_classifier()`: `fc` of a ResNet, `head.fc` of a
+    ConvNeXt); empty for other modules."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    prefix = next((n for n, m in model.named_modules() if m is classifier and n), None)
+    return set() if prefix is None else {f"{prefix}.{n}" for n, _ in classifier.named_parameters()}
 
 
 def eager_attention(model: nn.Module) -> dict:

@@ -2,7 +2,8 @@
 
 A save folder holds `vitkit.json` (base model reference: timm name with pretrained tag, the sha256 of a weights
 file, or for a model vitkit did not load its timm name and a digest of its weights; the applied methods with
-their configs; the preprocessing; the vitkit version; the sha256 of the weights file) and `weights.safetensors`
+their configs; the head's class count and pooling, replayed with `reset_classifier` before the methods; the
+preprocessing; the vitkit version; the sha256 of the weights file) and `weights.safetensors`
 with the tensors that differ from the base (trained, changed, or added by methods). A base that cannot be
 rebuilt exactly (random initialisation) is saved whole. A save is all-or-nothing: both files are written and
 fsynced in a temporary folder beside the target, which then replaces the target in one atomic exchange, so a
@@ -126,6 +127,10 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "vitkit") -> P
         "tensors": sorted(tensors),
         "data_config": loading.data_config_of(model),
     }
+    if hasattr(model, "reset_classifier") and isinstance(getattr(model, "num_classes", None), int):
+        # the head as it is now: `model.reset_classifier(n)` after vk.load leaves the base's class count behind
+        pool = getattr(model, "global_pool", None)  # a ViT's pooling name (a CNN's is a module: not replayed)
+        manifest["head"] = {"num_classes": model.num_classes, "global_pool": pool if isinstance(pool, str) else None}
     if not full:
         manifest["base_tensors"] = unsaved
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
@@ -220,6 +225,7 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
     """
     from safetensors.torch import load_file
 
+    from .info import classifier_names
     from .models import loading
 
     path = Path(path)
@@ -260,6 +266,7 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
         model = loading.load_file(file, arch=recorded.get("arch"), **model_args)
     if manifest["weights"] != "full":
         _check_base(path, manifest, model)
+    _replay_head(model, manifest.get("head"), "num_classes" in overrides)
     data = {**_tuples(manifest.get("data_config", {})), **data}
     chans = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "in_channels", None)
     # input adapters (channels, spectrogram) change the channel count: their mean/std are set after the methods
@@ -270,7 +277,9 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
     loading.set_data_config(model, **{k: v for k, v in data.items() if k not in early})
     tensors = load_file(str(path / WEIGHTS))
     expected = model.state_dict()
-    new_head = [k for k in tensors if "num_classes" in overrides and k.startswith(("head.", "head_dist."))
+    heads = classifier_names(model)  # a CNN's `fc`, say
+    new_head = [k for k in tensors if "num_classes" in overrides and (k.startswith(("head.", "head_dist.")) or
+                                                                      k in heads)
                 and k in expected and expected[k].shape != tensors[k].shape]
     for key in new_head:  # another class count asked for (e.g. a bench task): the rebuilt model keeps a new head
         tensors.pop(key)
@@ -281,6 +290,18 @@ def load_dir(path: str | os.PathLike, base: Any = None, **overrides) -> nn.Modul
                          f"({len(unexpected)}), shape mismatch {shapes[:5]} ({len(shapes)})")
     model.load_state_dict(tensors, strict=manifest["weights"] == "full" and not new_head)
     return model
+
+
+def _replay_head(model: nn.Module, head: dict | None, new_classes: bool) -> None:
+    """`model.reset_classifier` as the saved model had it (class count, pooling), before the methods are applied,
+    unless the caller asked for another class count (`new_classes`: then only the pooling)."""
+    if not head or not hasattr(model, "reset_classifier"):
+        return
+    classes = model.num_classes if new_classes else head["num_classes"]
+    pool = head.get("global_pool")
+    pool = None if pool == getattr(model, "global_pool", None) else pool  # None: keep the model's pooling
+    if classes != model.num_classes or pool is not None:
+        model.reset_classifier(classes, pool)
 
 
 def _module_base(path: Path, recorded: dict, full: bool, model_args: dict) -> nn.Module:

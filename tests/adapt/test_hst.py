@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import vitkit as vk
 from conftest import make_variant
 from vitkit.adapt import hst
+from vitkit.train import features
 
 DIMS, HEADS = (32, 48, 64, 72), (2, 4, 8, 12)
 
@@ -166,3 +167,37 @@ def test_composes_with_vpt_deep_in_either_order(images):
         out = first(images)
         torch.testing.assert_close(second(images), out, atol=1e-5, rtol=1e-5)
         assert (alone(images) - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mutate", [lambda f: f.clone(), lambda f: f.add_(0), lambda f: f[:1]],
+                         ids=["copy", "changed-in-place", "slice"])
+def test_forward_head_refuses_features_of_another_forward(images, mutate):
+    """The read-out uses the side features of the forward that made its input: an earlier batch's features (or a
+    copy or changed features) after another forward would silently get that forward's side features."""
+    model = vk.adapt(make_variant("plain"), "hst")
+    randomize(model)
+    other = torch.randn_like(images)
+    with torch.no_grad():
+        want = model(images)
+        feats = model.forward_features(images)
+        torch.testing.assert_close(model.forward_head(feats), want)  # right after its forward: exact
+        torch.testing.assert_close(model.forward_head(feats.detach()), want)  # an alias of the same data
+        model.forward_features(other)
+        with pytest.raises(ValueError, match="hst: forward_head reads side results of the forward"):
+            model.forward_head(feats)  # before the fix: `other`'s logits, no error
+        feats = model.forward_features(images)
+        with pytest.raises(ValueError, match="hst: forward_head reads side results"):
+            model.forward_head(mutate(feats), pre_logits=True)
+
+
+def test_forward_head_after_forward_intermediates_and_under_inference_mode(images):
+    """The other callers of forward_head: distillation taps (forward_intermediates' final features) and
+    vk.evaluate's features (inference mode, whose tensors track no version)."""
+    model = vk.adapt(make_variant("registers"), "hst")
+    randomize(model)
+    with torch.no_grad():
+        want = model(images)
+        final, _ = model.forward_intermediates(images, indices=[1], output_fmt="NCHW")
+        torch.testing.assert_close(model.forward_head(final), want)
+    logits, _ = features(model, list(zip(images, [0, 1])), logits=True)  # under inference mode
+    torch.testing.assert_close(logits, want)

@@ -189,3 +189,16 @@ def test_composes_with_token_merging_and_the_maps_refuse_it(images):
     assert after.shape == before.shape and (after - before).abs().max() > 0
     with pytest.raises(NotImplementedError, match="tome \\(after_attn\\) changes that block"):
         vk.explain(model, images, method="prompt-cam")
+
+
+def test_forward_head_refuses_features_of_another_forward(images):
+    """The logits come from the class-prompt outputs of the forward that made the features: an earlier batch's
+    features after another forward of the same size would silently get that forward's logits."""
+    model = prompt_cam_model("registers")
+    with torch.no_grad():
+        want = model(images)
+        feats = model.forward_features(images)
+        torch.testing.assert_close(model.forward_head(feats), want)
+        model.forward_features(images.flip(0))
+        with pytest.raises(ValueError, match="prompt-cam: forward_head reads side results of the forward"):
+            model.forward_head(feats)

@@ -92,3 +92,40 @@ def test_gradcam_target_out_of_range(files, capsys, tmp_path):
     assert rc != 0
     _one_line_error(capsys, "99", "0..9")
     assert not (tmp_path / "o.png").exists()
+
+
+# --- bad values: one line naming the value, exit 2 (before: tracebacks, torch's messages, or a silent empty mask)
+
+@pytest.mark.parametrize("command, extra, words", [
+    ("explain", ["--method", "gradcam", "--layer", "99"], ["gradcam: `layer` 99 out of range", "6 blocks"]),  # exit 1
+    ("explain", ["--mean", "0.5,0.5"], ["`mean` has 2 values", "3 channel"]),  # torch's "size of tensor a (3)..."
+    ("explain", ["--std", "0"], ["`std` must be > 0"]),
+    ("explain", ["--out", "heat.txt"], ["cannot write an image to", "heat.txt", ".png"]),
+    ("explain", ["--out", "heat.npy"], ["cannot write an image to", "heat.npy"]),  # was: a PNG named .npy, overwritten
+    ("segment", ["--point", "1,1", "--threshold", "2"], ["`threshold`", "[-1, 1]", "got 2.0"]),  # an empty mask
+    ("segment", ["--point", "1,1", "--threshold", "nan"], ["`threshold`", "got nan"]),  # an empty mask
+], ids=["gradcam-layer", "mean-length", "std-zero", "out-txt", "out-npy", "threshold-2", "threshold-nan"])
+def test_cli_bad_value_is_one_line_exit_2(files, command, extra, words, capsys, tmp_path, monkeypatch):
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    out = [] if "--out" in extra else ["--out", "o.png"]
+    assert main([command, str(files["good"]), *EMBEDDED, *out, *extra]) == 2
+    _one_line_error(capsys, *words)
+    assert not any((tmp_path / "run").iterdir())  # nothing written
+
+
+def test_cli_display_must_be_positive(files, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["explain", str(files["good"]), *EMBEDDED, "--display", "0"])
+    assert exit_.value.code == 2
+    assert "--display: must be a positive number of pixels, got 0" in capsys.readouterr().err
+
+
+def test_api_bad_selection_and_threshold_are_value_errors(images):
+    from vitkit.explain.attention import attention, select
+
+    model = vk.load("vitkit/vit-tiny-cifar")
+    with pytest.raises(ValueError, match=r"attention: layer 3 was not captured \(captured: \[5\]\)"):
+        select(attention(model, images, layers=[-1]), 3)  # was a KeyError: "internal error", exit 1 in the CLI
+    with pytest.raises(ValueError, match="segment_volume: `threshold` must be in"):
+        vk.segment_volume(model, torch.rand(8, 8, 8).numpy(), (1, 1, 1), patches=2, threshold=float("nan"))

@@ -172,3 +172,37 @@ def test_teacher_is_not_uniform_on_nearly_parallel_features(settings, uniform):
         obj.criterion.center.copy_(teacher.mean(0).reshape(obj.criterion.center.shape))
         _, stats = obj(views)
     assert (stats["teacher_entropy"] > 0.95) == uniform, stats
+
+
+def test_distribute_syncs_the_heads_batch_norm_on_gpus_only(caplog):
+    """Under torchrun each process sees its share of the batch; the DINO code syncs the heads' batch norm. On
+    GPUs `distribute` converts student and teacher heads (same parameter tensors, so the optimizer built before
+    still trains them, and the same output where nothing is distributed); on the CPU it warns and leaves them."""
+    _, obj = build()
+    feats = torch.randn(6, obj.model.embed_dim)
+    want = obj.head(feats)  # train mode: batch statistics
+    params = [id(p) for p in obj.parameters()]
+    obj.distribute(1, torch.device("cuda"))  # one process: nothing to sync
+    obj.distribute(2, torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in obj.modules())
+    assert ("batch norm (head.layers.1, head.layers.4, teacher_head.layers.1, teacher_head.layers.4) normalises over "
+            "each process's 1/2 of the batch") in caplog.text
+    obj.distribute(2, torch.device("cuda"))  # a GPU device object: converting needs no GPU
+    synced = [n for n, m in obj.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert synced == ["head.layers.1", "head.layers.4", "teacher_head.layers.1", "teacher_head.layers.4"]
+    assert [id(p) for p in obj.parameters()] == params
+    torch.testing.assert_close(obj.head(feats), want)  # not initialised: SyncBatchNorm falls back to batch_norm
+
+
+def test_fit_hands_the_objective_its_world_and_device(monkeypatch, tmp_path):
+    import numpy as np
+
+    import vitkit as vk
+
+    calls = []
+    monkeypatch.setattr(dino.Objective, "distribute", lambda self, world, device: calls.append((world, device.type)))
+    rng = np.random.default_rng(0)
+    data = vk.data.arrays(rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), [0, 1, 0, 1])
+    vk.pretrain(make_variant("plain"), data, "dino", epochs=1, batch_size=4, out_dir=tmp_path, progress=False,
+                **SMALL)
+    assert calls == [(1, "cpu")]

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import vitkit as vk
-from vitkit.train.align import info_nce, prototype_accuracy, recall_at_k
+from vitkit.train.align import Aligner, embed_sensors, info_nce, prototype_accuracy, recall_at_k
 
 
 def _oracle(q, k, t):
@@ -78,3 +78,17 @@ def test_bad_input_is_refused():
         vk.align(enc, vit, [])
     with pytest.raises(TypeError, match="timm-style"):
         vk.align(enc, nn.Linear(2, 2), [(torch.zeros(4), torch.zeros(3, 16, 16))])
+
+
+def test_validation_sensors_go_to_the_aligners_device():
+    """After vk.fit the aligner sits on the accelerator; the validation sensors (CPU tensors) used to be embedded
+    as they were: a device mismatch on a GPU. A `meta` aligner stands for another device here."""
+    torch.manual_seed(0)
+    aligner = Aligner(nn.Linear(6, 4), 4, 4, 0.07, True)
+    sensors = list(torch.randn(5, 6))
+    torch.testing.assert_close(embed_sensors(aligner, sensors, batch_size=2), aligner.embed(torch.stack(sensors)))
+    aligner.to("meta")
+    with pytest.raises((RuntimeError, NotImplementedError)):  # the old path: CPU inputs to a model elsewhere
+        aligner.embed(torch.stack(sensors))
+    q = embed_sensors(aligner, sensors, batch_size=2)
+    assert (q.device.type, tuple(q.shape)) == ("meta", (5, 4))

@@ -15,10 +15,11 @@ them (`hst_layer.Stage.step`): cross-attention from the side tokens to `[LN(T(r_
 (ViT-B: (0-2, 3-5, 6-8, 9-11)); the stem reads the image (a pre-hook on `patch_embed`). Dims (32, 48, 64, 72),
 heads (2, 4, 8, 12): grids 1/4, 1/8, 1/16, 1/32 of the input. The classification read-out (`forward_head`) is
 mean → `BatchNorm1d(affine=False)` → `head` (a new `Linear(72, classes)`), so `pre_logits` features have 72
-channels (`model.num_features`); it reads the side features of this thread's latest forward of the model, so
-call it right after `forward_features`. `forward_dense(model, x)` returns the four maps. Fused SDPA is kept;
-gradients pass through the frozen ViT (not memory-light). Trainable: side network, meta-registers, bridges, head
-and every LayerNorm of the ViT.
+channels (`model.num_features`); it reads the side features of the forward that returned its input, so it
+takes only the tensor this thread's latest `forward_features` (or `forward_intermediates`) returned and raises
+a ValueError for any other (an earlier batch's features would get this batch's side features).
+`forward_dense(model, x)` returns the four maps. Fused SDPA is kept; gradients pass through the frozen ViT (not
+memory-light). Trainable: side network, meta-registers, bridges, head and every LayerNorm of the ViT.
 
 Hand-written here, and why: no library has a side network on timm ViTs; the reference (AFeng-x/HST, no licence)
 pins timm 0.6.5, assumes one class token and has no dense-prediction code. The side network is
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from vitkit.models.runner import BlockContext, TokenState, _Bound, get_runner
+from vitkit.models.runner import BlockContext, TokenState, _Bound, check_output, get_runner
 from vitkit.registry import register
 
 from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
@@ -106,17 +107,18 @@ def _after_block(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
     return x
 
 
-def _features(model: nn.Module, batch: int) -> list[torch.Tensor]:
-    state = get_runner(model).state
-    found = None if state is None else state.extra.get("hst", {}).get("features")
-    if not found or len(found) != 4 or found[-1].shape[0] != batch:
+def _features(state: TokenState) -> list[torch.Tensor]:
+    found = state.extra.get("hst", {}).get("features")
+    if not found or len(found) != 4:
         raise ValueError("hst: no side features for this batch; call model(x) or model.forward_features(x) first")
     return found
 
 
 def _forward_head(model: nn.Module, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-    """The classification read-out on the last side stage: mean, BatchNorm1d(affine=False), head."""
-    pooled = model.hst.norm(_features(model, x.shape[0])[-1].mean((2, 3)))  # (B, dims[-1])
+    """The classification read-out on the last side stage: mean, BatchNorm1d(affine=False), head. `x` must be
+    the tensor the latest `forward_features` returned (its side features are read; a ValueError otherwise)."""
+    state = check_output(model, x, "hst")
+    pooled = model.hst.norm(_features(state)[-1].mean((2, 3)))  # (B, dims[-1])
     return pooled if pre_logits else model.head(model.head_drop(pooled))
 
 
@@ -125,8 +127,7 @@ def forward_dense(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     up), for a segmentation or detection head."""
     if not hasattr(model, "hst"):
         raise ValueError("hst: apply it first: vk.adapt(model, 'hst')")
-    model.forward_features(x)
-    return list(_features(model, x.shape[0]))
+    return list(_features(check_output(model, model.forward_features(x), "hst")))
 
 
 def apply(model: nn.Module, cfg: Config) -> nn.Module:

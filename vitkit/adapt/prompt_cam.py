@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from vitkit.models.runner import BlockContext, get_runner
+from vitkit.models.runner import BlockContext, check_output, get_runner
 from vitkit.registry import register
 
 from ._common import earlier_trainable, first_weight, freeze_except, like, new_modules_follow_mode
@@ -88,11 +88,10 @@ class _ForwardHead:
     def __call__(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if pre_logits:
             return VisionTransformer.forward_head(self.model, x, pre_logits=True)
-        state = get_runner(self.model).state
-        out = None if state is None else state.extra.get(NAME + ":out")
-        if out is None or out.shape[0] != x.shape[0]:
-            raise RuntimeError("prompt-cam: forward_head needs the class-prompt outputs of the forward that made "
-                               "these features; call model(x) or forward_features(x) first")
+        out = check_output(self.model, x, NAME).extra.get(NAME + ":out")
+        if out is None:
+            raise ValueError("prompt-cam: forward_head needs the class-prompt outputs of the forward that made "
+                             "these features; call model(x) or forward_features(x) first")
         return class_logits(self.model, out)
 
 

@@ -58,6 +58,16 @@ def attached(model: nn.Module) -> dict:
     return model.__dict__.get(_KEY, {})
 
 
+def refuse_attached(model: nn.Module, who: str, why: str) -> None:
+    """A ValueError when augmentations are attached to `model` but the loss `who` trains with never sees them
+    (`why`): a training loop that would otherwise run without them, silently."""
+    names = list(attached(model))
+    if names:
+        raise ValueError(f"{who}: augmentation(s) {', '.join(names)} are attached to the model, but {why}, so they "
+                         "would be silently ignored; train a model without vk.augment (the classification loss of "
+                         "vk.fit is the one that uses them)")
+
+
 def mix_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
               extras: Sequence[torch.Tensor] = ()) -> Mix:
     """Run every augmentation attached to `model` on one batch; `extras`: further batch items (e.g. masks)."""

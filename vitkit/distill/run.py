@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from vitkit.augment import refuse_attached
+
 from .base import Distiller, Teacher, _fit_keys, get, input_stats, transform_stats
 
 _log = logging.getLogger("vitkit")
@@ -53,6 +55,7 @@ def distill(teacher: Optional[nn.Module], student: nn.Module, data: torch.utils.
     if teacher is student:
         raise ValueError("distill: `teacher` and `student` are the same object; pass a copy (copy.deepcopy) or "
                          "another model")
+    refuse_attached(student, "distill", f"the `{method}` loss trains the student on the plain batch")
     if teacher is None and spec.loss.needs_teacher:
         raise ValueError(f"distill: method `{method}` runs the teacher at every step; pass a teacher model")
     if not isinstance(data, torch.utils.data.Dataset) or len(data) == 0:

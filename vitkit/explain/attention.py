@@ -360,7 +360,8 @@ def select(maps: AttentionMaps, layer: int) -> LayerAttention:
         return maps[layer]
     if maps.depth and -maps.depth <= layer < 0 and layer % maps.depth in maps:
         return maps[layer % maps.depth]
-    raise KeyError(f"attention: layer {layer} was not captured (captured: {sorted(maps)})")
+    raise ValueError(f"attention: layer {layer} was not captured (captured: {sorted(maps)}); capture it with "
+                     "`layers=` (all blocks when None)")
 
 
 __all__ = ["attention", "capture", "select", "AttentionMaps", "LayerAttention", "fused_flags"]

@@ -78,6 +78,9 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: Union[None, int, Sequence
         (patch_map (B, gh, gw) raw ReLU'd CAM, heatmap (B, H, W) the library's min-max scaled, resized CAM,
         targets used).
     """
+    depth = len(model.blocks)
+    if target_module is None and not -depth <= layer < depth:
+        raise ValueError(f"gradcam: `layer` {layer} out of range for a model with {depth} blocks")
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

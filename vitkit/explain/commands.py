@@ -47,12 +47,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_size, metavar="H[xW]",
                    help="model input size (default the model's; other sizes need --model-arg dynamic_img_size=true)")
     _norm_options(p)
-    p.add_argument("--display", type=int, default=256, metavar="PX",
+    p.add_argument("--display", type=_pixels, default=256, metavar="PX",
                    help="height of the written PNG in pixels (the array keeps the model's resolution)")
 
 
 def _stats(v):
-    return None if v is None else (v * 3 if len(v) == 1 else v)
+    return None if v is None else (v[0] if len(v) == 1 else v)  # one number: every channel
+
+
+def _pixels(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {text}")
+    return value
 
 
 def _display_size(image_size: tuple[int, int], height: int) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -20,16 +21,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def _overrides(model: nn.Module, size=None, mean=None, std=None) -> dict:
     """`vk.data.data_config` overrides for an explicit input `size` (H, W or int) and `mean` / `std`."""
     from vitkit.data.transforms import data_config
+    from vitkit.models.loading import norm_values
 
     out = {}
+    chans = data_config(model)["input_size"][0]
     if size is not None:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         token_layout(model).grid((h, w))  # clear error on sizes the model cannot take
-        out["input_size"] = (data_config(model)["input_size"][0], h, w)
+        out["input_size"] = (chans, h, w)
     if mean is not None:
-        out["mean"] = tuple(mean)
+        out["mean"] = norm_values("mean", mean, chans)  # one per channel, else a clear error
     if std is not None:
-        out["std"] = tuple(std)
+        out["std"] = norm_values("std", std, chans)
     return out
 
 
@@ -99,6 +102,27 @@ def prepare(model: nn.Module, image: ImageLike, size: Union[None, int, Sequence[
     pil = shown_image(x, *norm_stats(model, mean, std))
     param = next(model.parameters())
     return x.to(param.device, param.dtype), pil
+
+
+def save_pair(image: Image.Image, array: np.ndarray, path: Union[str, os.PathLike]) -> tuple[Path, Path]:
+    """Write `image` at `path` (its format from the extension) and `array` beside it as `.npy`, each atomically
+    (a crash leaves the previous files, never half-written ones). A ValueError for an extension PIL cannot write."""
+    from vitkit.io import atomic_write
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE or path.suffix.lower() == ".npy":
+        raise ValueError(f"cannot write an image to {path}: give a file name ending in .png (or .jpg, .webp, ...); "
+                         "the raw map goes beside it as .npy")
+    npy = path.with_suffix(".npy")
+
+    def write_npy(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to the temporary name
+            np.save(f, array)
+
+    atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+    atomic_write(npy, write_npy)
+    return path, npy
 
 
 def upsample(grid_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

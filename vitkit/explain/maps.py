@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import rollout_algo
 from .attention import LayerAttention, attention, select
-from .image import ImageLike, normalise_max, overlay, prepare, upsample
+from .image import ImageLike, normalise_max, overlay, prepare, save_pair, upsample
 
 _log = logging.getLogger("vitkit")
 METHODS = ("attention", "rollout", "grad_rollout", "gradcam", "bcos", "prompt-cam")
@@ -64,12 +64,7 @@ class Explanation:
     def save(self, path: Union[str, Path], index: int = 0, size: Optional[tuple[int, int]] = None
              ) -> tuple[Path, Path]:
         """Write the overlay PNG at `path` (at `size`, see `overlay`) and the raw patch map next to it (`.npy`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.overlay(index, size=size).save(path)
-        npy = path.with_suffix(".npy")
-        np.save(npy, self.patch_map[index].detach().cpu().numpy())
-        return path, npy
+        return save_pair(self.overlay(index, size=size), self.patch_map[index].detach().cpu().numpy(), path)
 
 
 def _expand(la: LayerAttention, a: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from vitkit.models.layout import token_layout
 
-from .image import ImageLike, load_image, mask_overlay, model_transform, prepare, upsample
+from .image import ImageLike, load_image, mask_overlay, model_transform, prepare, save_pair, upsample
 
 Features = Callable[[torch.Tensor], torch.Tensor]
 FEATURES = ("x", "q", "k", "v")
@@ -134,12 +134,7 @@ class Segmentation:
 
     def save(self, path: Union[str, Path], size: Optional[tuple[int, int]] = None) -> tuple[Path, Path]:
         """Overlay PNG at `path` (at `size`, see `overlay`) and the similarity map (H, W) as `.npy` next to it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.overlay(size).save(path)
-        npy = path.with_suffix(".npy")
-        np.save(npy, self.similarity)
-        return path, npy
+        return save_pair(self.overlay(size), self.similarity, path)
 
 
 def segment(model: nn.Module, image: Union[ImageLike, torch.Tensor], point: tuple[float, float], layer: int = -1,
@@ -163,6 +158,9 @@ def segment(model: nn.Module, image: Union[ImageLike, torch.Tensor], point: tupl
     if features is not None and feature != "x":
         raise ValueError(f"segment: pass either `features` (your own extractor) or `feature`={feature!r}, not both")
     check_feature(feature)
+    if threshold is not None and not -1 <= float(threshold) <= 1:  # also NaN: every comparison with it is False
+        raise ValueError(f"segment: `threshold` is a cosine similarity, so it must be in [-1, 1], got {threshold}; "
+                         "leave it unset for Otsu's threshold of the map")
     if isinstance(image, torch.Tensor):
         x, pil = prepare(model, image)
         orig = (x.shape[-1], x.shape[-2])

@@ -225,6 +225,8 @@ def segment_volume(model: nn.Module, volume: VolumeLike, voxel, *, patches: int 
         raise ValueError(f"segment_volume: `power` must be > 0, got {power}")
     if reduce not in ("mean", "max"):
         raise ValueError(f"segment_volume: `reduce` must be 'mean' or 'max', got {reduce!r}")
+    if not 0 <= float(threshold) <= 1:  # also NaN: the mask would be empty
+        raise ValueError(f"segment_volume: `threshold` must be in [0, 1] (the similarity's range), got {threshold}")
     vol = algo.normalise(vol)
     was_training = model.training
     model.eval()

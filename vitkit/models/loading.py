@@ -124,8 +124,8 @@ def load(source: str | os.PathLike, *, arch: Optional[str] = None, num_classes: 
         model = load_timm(source, num_classes=num_classes, pretrained=pretrained, **timm_kwargs)
     if not any_model and not isinstance(model, VisionTransformer):
         raise NotImplementedError(f"`{source}` builds a {type(model).__name__}, not a timm VisionTransformer: "
-                                  "vitkit's methods and explainers need one; vk.bench, vk.fit and vk.evaluate "
-                                  "take any timm model (vk.load(..., any_model=True))")
+                                  "vitkit's methods and explainers need one; vk.bench, vk.fit, vk.evaluate and "
+                                  "vk.info take any timm model (vk.load(..., any_model=True))")
     if data:
         set_data_config(model, **data)
     return model
@@ -144,19 +144,7 @@ def set_data_config(model: nn.Module, **cfg: Any) -> nn.Module:
                  None) if hasattr(getattr(model, "patch_embed", None), "proj") else None  # SSF may wrap proj
     for key in ("mean", "std"):
         if key in cfg:
-            value = cfg[key]
-            value = (value,) * (chans or 1) if isinstance(value, (int, float)) else value
-            try:
-                value = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise TypeError(f"data config: `{key}` must be a number or a sequence of numbers, got {value!r}") \
-                    from None
-            if chans is not None and len(value) != chans:
-                raise ValueError(f"data config: `{key}` has {len(value)} values but the model takes {chans} "
-                                 f"channel(s): {value}")
-            if key == "std" and any(v <= 0 for v in value):
-                raise ValueError(f"data config: `std` must be > 0, got {value}")
-            cfg[key] = value
+            cfg[key] = norm_values(key, cfg[key], chans)
     if "interpolation" in cfg and cfg["interpolation"] not in ("bilinear", "bicubic", "nearest", "lanczos"):
         raise ValueError(f"data config: `interpolation` must be bilinear, bicubic, nearest or lanczos, got "
                          f"{cfg['interpolation']!r}")
@@ -165,6 +153,22 @@ def set_data_config(model: nn.Module, **cfg: Any) -> nn.Module:
     current = dict(getattr(model, "pretrained_cfg", None) or {"crop_pct": 1.0})
     model.pretrained_cfg = {**current, **cfg}
     return model
+
+
+def norm_values(key: str, value: Any, chans: Optional[int]) -> tuple[float, ...]:
+    """`mean` or `std` (`key`) as one float per channel, checked: a number (repeated), or `chans` numbers; `std`
+    > 0. A ValueError / TypeError names the field and the value."""
+    value = (value,) * (chans or 1) if isinstance(value, (int, float)) else value
+    try:
+        value = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"data config: `{key}` must be a number or a sequence of numbers, got {value!r}") from None
+    if chans is not None and len(value) != chans:
+        raise ValueError(f"data config: `{key}` has {len(value)} values but the model takes {chans} "
+                         f"channel(s): {value}")
+    if key == "std" and not all(v > 0 for v in value):
+        raise ValueError(f"data config: `std` must be > 0, got {value}")
+    return value
 
 
 def data_config_of(model: nn.Module) -> dict:
@@ -531,7 +535,9 @@ def module_base(model: nn.Module) -> dict:
     args: dict[str, Any] = {}
     if isinstance(model, VisionTransformer):
         args = {"num_classes": model.num_classes, "img_size": list(model.patch_embed.img_size),
-                "global_pool": model.global_pool}
+                "global_pool": model.global_pool,
+                # where the final norm sits follows global_pool at construction only (reset_classifier keeps it)
+                "fc_norm": not isinstance(model.fc_norm, nn.Identity)}
         if getattr(model, "dynamic_img_size", False):
             args["dynamic_img_size"] = True
     return {"kind": "module", "name": f"{arch}.{tag}" if arch and tag else arch, "pretrained": None,

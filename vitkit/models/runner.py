@@ -70,6 +70,9 @@ class TokenState:
         patch_index: (B, n) grid index of each patch token right after embedding, when timm's patch dropout
             (`patch_drop_rate`, training) kept only some patches (in random order); None when all are present.
         extra: per-method scratch space, keyed by method name.
+        output: which tensor this call's `forward_features` / `forward_intermediates` returned (a weak reference
+            and its data's address, shape, strides and version), so read-outs that use this call's side results
+            (HST, Prompt-CAM) can refuse the features of another call (`check_output`).
 
     Extensions replace these attributes (never modify their tensors in place): a snapshot (`copy`) is then
     an exact record of the state a block started from.
@@ -82,6 +85,7 @@ class TokenState:
     source: Optional[torch.Tensor] = None
     patch_index: Optional[torch.Tensor] = None
     extra: dict = field(default_factory=dict)
+    output: Optional[tuple] = None
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -92,10 +96,39 @@ class TokenState:
         """A snapshot: the same tensors, a new `extra` dict (so popping a tap from one leaves the other)."""
         return dataclasses.replace(self, extra=dict(self.extra))
 
+    def record_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Remember `x` as this call's final features (see `check_output`); returns `x`."""
+        self.output = (weakref.ref(x), _data_key(x))
+        return x
+
     def update(self, other: "TokenState") -> None:
         """Take over every attribute of `other` (keeps this object, which callers may hold)."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(other, f.name))
+
+
+def _data_key(x: torch.Tensor) -> tuple:
+    """What identifies a tensor's values: a `detach()`ed alias has the same key, a copy or an in-place change not."""
+    try:
+        version = x._version
+    except RuntimeError:  # an inference-mode tensor tracks no version (and cannot be changed outside that mode)
+        version = None
+    return x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, version
+
+
+def check_output(model: nn.Module, x: torch.Tensor, method: str) -> TokenState:
+    """The token state of the call whose `forward_features` / `forward_intermediates` returned `x` (the same
+    tensor, or an alias with the same data, still alive), for a read-out that combines `x` with that call's side
+    results. Raises a ValueError naming `method` when `x` came from another call (an earlier batch, another
+    thread), was copied or changed in place, or no forward ran: the read-out would mix two batches."""
+    state = get_runner(model).state
+    ref, key = (None, None) if state is None or state.output is None else state.output
+    if ref is None or ref() is None or _data_key(x) != key:
+        raise ValueError(f"{method}: forward_head reads side results of the forward that made its features, and "
+                         "these features are not the output of this model's latest forward_features in this "
+                         "thread (an earlier batch, a copy, or changed in place); call "
+                         "model.forward_head(model.forward_features(x)) with no forward in between, or model(x)")
+    return state
 
 
 @dataclass
@@ -485,7 +518,7 @@ def forward_features(model: VisionTransformer, x: torch.Tensor, attn_mask=None, 
             pass
         x = strip_prompts(model, x)
         _strip_state_prompts(frame.state)
-        return model.norm(x)
+        return frame.state.record_output(model.norm(x))
 
 
 def pool(model: VisionTransformer, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -566,10 +599,10 @@ def _forward_intermediates(model, x, take, max_index, return_prefix_tokens, norm
         if p and return_prefix_tokens:
             out["image_intermediates_prefix"] = prefixes
         if not intermediates_only:
-            out["image_features"] = model.norm(x)
+            out["image_features"] = state.record_output(model.norm(x))
         return out
     if return_prefix_tokens and p:
         features = list(zip(features, prefixes))
     if intermediates_only:
         return features
-    return model.norm(x), features
+    return state.record_output(model.norm(x)), features

@@ -26,6 +26,8 @@ multi-process, checkpoints, metrics); afterwards the extra parts are dropped and
        model, train=True)`; multi-view objectives stack views into `(V, C, H, W)`);
      - `after_step(step, total_steps)`: called after each optimizer step (EMA teachers; default: nothing);
        state that must survive a resume (teacher, centre, step counters) lives in parameters or buffers;
+     - `distribute(world, device)`: provided by the base, called by `fit` before Accelerate wraps the objective:
+       with several GPU processes its batch norms become `SyncBatchNorm` (per process on the CPU, with a warning);
      - `diagnose(metrics) -> str | None`: a warning about the last epoch (DINO: collapse), default None;
      - `lr_scale(name)` / `no_weight_decay()`: provided by the base (backbone parameters train at
        `backbone_lr / lr`; position embeddings and tokens without decay);

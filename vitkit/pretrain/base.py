@@ -8,11 +8,14 @@ lightly's `cosine_schedule` for the momentum.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+_log = logging.getLogger("vitkit")
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,22 @@ class Objective(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called by `fit` after each optimizer step (`step` counts the steps done so far)."""
+
+    def distribute(self, world: int, device: torch.device) -> None:
+        """Called by `fit` once its processes are up, before Accelerate wraps this module: with several processes
+        each sees only its share of the batch, so batch norm in the objective's parts (DINO's heads, student and
+        teacher) becomes `SyncBatchNorm`, as the DINO code does, and normalises over the global batch. The
+        parameters stay the same tensors. torch syncs batch norm on GPUs only: on the CPU (gloo) it stays per
+        process, with a warning."""
+        norms = [n for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and not isinstance(m, nn.SyncBatchNorm)]
+        if world < 2 or not norms:
+            return
+        if device.type == "cpu":
+            _log.warning("%s: batch norm (%s) normalises over each process's 1/%d of the batch: torch's "
+                         "SyncBatchNorm needs GPUs", self.name, ", ".join(norms), world)
+            return
+        nn.SyncBatchNorm.convert_sync_batchnorm(self)  # replaces the children in place; the root is no norm
 
     def diagnose(self, metrics: dict) -> str | None:
         """A warning about the last epoch's `metrics` (e.g. a collapse), or None when nothing looks wrong."""

@@ -20,6 +20,7 @@ Continued pre-training needs batch norm in the head (lightly's `batch_norm`, the
 off there): a pretrained ViT's features of a new domain are nearly parallel (mean cosine 0.96 for the embedded
 CIFAR model on digits), so without it the head gives every image nearly the same output, the centre removes it and
 the sharpened rest is uniform from the first step (0.99 of log K: no signal; `tests/pretrain/test_dino.py`).
+With several GPU processes `vk.fit` turns these batch norms into `SyncBatchNorm` (`base.Objective.distribute`).
 Differs from the reference: local crops are drawn at the model's input size (a timm ViT without
 `dynamic_img_size` takes one size), so they cost as much as global ones and there are 2 by default (paper 8 at
 96 px); the head is small (output 256, paper 65,536) and has batch norm; the teacher temperature stays at 0.04

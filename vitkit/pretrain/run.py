@@ -50,6 +50,7 @@ def pretrain(model: nn.Module, data, objective: str = "mae", *, epochs: int = 10
         `model/` (a `vk.save` folder, usable as a `vitkit bench` backbone).
     """
     from vitkit import data as vdata
+    from vitkit.augment import refuse_attached
     from vitkit.registry import make_config
     from vitkit.train.fit import fit
 
@@ -58,6 +59,7 @@ def pretrain(model: nn.Module, data, objective: str = "mae", *, epochs: int = 10
     entry = get_objective(objective)
     cfg = make_config(entry, **config)  # type: ignore[arg-type]
     entry.objective.check(model)
+    refuse_attached(model, "pretrain", f"the `{objective}` objective computes its loss on the plain images")
     if isinstance(data, (str, Path)):
         data = vdata.get(data)
     if not hasattr(data, "with_transform"):

@@ -121,6 +121,19 @@ def _image_embeddings(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return features(model, torch.utils.data.TensorDataset(images, labels))[0].clone()
 
 
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
+
+
+@torch.no_grad()
+def embed_sensors(aligner: "Aligner", sensors: list, batch_size: int = 256) -> torch.Tensor:
+    """(N, D) unit embeddings of `sensors`, computed in batches on the aligner's device (where `vk.fit` left it:
+    the GPU when there is one), returned there."""
+    device = _device(aligner)
+    return torch.cat([aligner.embed(torch.stack(sensors[i:i + batch_size]).to(device))
+                      for i in range(0, len(sensors), batch_size)])
+
+
 def align(encoder: nn.Module, model: nn.Module, pairs, *, val=None, epochs: int = 10, lr: float = 1e-3,
           batch_size: int = 64, temperature: float = 0.07, symmetric: bool = True, seed: int = 0,
           out_dir: str | Path = "runs/align", **fit_kwargs) -> AlignResult:
@@ -148,7 +161,7 @@ def align(encoder: nn.Module, model: nn.Module, pairs, *, val=None, epochs: int 
     with torch.no_grad():
         was_training = encoder.training
         encoder.eval()
-        out = encoder(sensors[0][None])
+        out = encoder(sensors[0][None].to(_device(encoder)))
         encoder.train(was_training)
     if out.ndim != 2:
         raise ValueError(f"vk.align: the encoder must return (batch, features); it returned shape {tuple(out.shape)}")
@@ -161,8 +174,7 @@ def align(encoder: nn.Module, model: nn.Module, pairs, *, val=None, epochs: int 
         v_sensors, v_images, v_labels = _split_pairs(val, "val")
         v_targets = _image_embeddings(model, v_images)
         aligner.eval()
-        with torch.no_grad():
-            q = torch.cat([aligner.embed(torch.stack(v_sensors[i:i + 256])) for i in range(0, len(v_sensors), 256)])
+        q = embed_sensors(aligner, v_sensors).float().cpu()  # the targets are on the CPU (`features`)
         metrics = recall_at_k(q, v_targets)
         if v_labels is not None:
             keys, key_labels = (targets, labels) if labels is not None else (v_targets, v_labels)

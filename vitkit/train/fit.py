@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vitkit.augment import mix_batch
+from vitkit.augment import mix_batch, refuse_attached
 from vitkit.augment._common import attached
 from vitkit.io import atomic_torch_save, atomic_write
 
@@ -159,7 +159,13 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     if objective is not None and val is not None:
         raise ValueError("fit: `val` is for classification; a self-supervised objective is measured afterwards "
                          "(vk.evaluate with protocol='knn' or 'linear')")
+    if objective is not None:
+        refuse_attached(model, "fit", "the self-supervised objective computes its loss on the plain images")
+    elif getattr(model, "computes_loss", False):
+        refuse_attached(model, "fit", "the model computes its own loss on the plain batch (`computes_loss`)")
     net = model if objective is None else objective  # what the optimizer, Accelerate and checkpoints see
+    if objective is not None:
+        objective.distribute(world, accelerator.device)  # batch norm over the global batch (DINO's heads)
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("fit: no parameter requires grad; apply an adaptation method first, e.g. "
