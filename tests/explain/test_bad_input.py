@@ -129,3 +129,12 @@ def test_api_bad_selection_and_threshold_are_value_errors(images):
         select(attention(model, images, layers=[-1]), 3)  # was a KeyError: "internal error", exit 1 in the CLI
     with pytest.raises(ValueError, match="segment_volume: `threshold` must be in"):
         vk.segment_volume(model, torch.rand(8, 8, 8).numpy(), (1, 1, 1), patches=2, threshold=float("nan"))
+
+
+@pytest.mark.parametrize("method", ["rollout", "grad_rollout"])
+def test_a_layer_given_to_a_method_that_uses_every_layer_is_refused(images, method):
+    """`layer=` used to be ignored silently by rollout (a map of every layer returned for the one asked)."""
+    model = vk.load("vitkit/vit-tiny-cifar")
+    with pytest.raises(ValueError, match=f"{method!r} does not take one"):
+        vk.explain(model, images, method=method, layer=2)
+    assert vk.explain(model, images, method="attention", layer=2).patch_map.shape[-2:] == (8, 8)

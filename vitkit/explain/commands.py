@@ -38,7 +38,12 @@ def _norm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", type=_floats, metavar="M[,M,M]",
                    help="normalisation mean (default: the model's data config, as vk.data.transform)")
     p.add_argument("--std", type=_floats, metavar="S[,S,S]", help="normalisation std")
-    p.add_argument("--layer", type=int, default=-1, help="block index (negative from the end)")
+    p.add_argument("--layer", type=int, help="block index, negative from the end (default -1; explain: attention and "
+                   "gradcam only)")
+
+
+def _last(layer):
+    return -1 if layer is None else layer
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -98,7 +103,7 @@ def _run_segment(args: argparse.Namespace) -> None:
     except ValueError:
         raise ValueError(f"segment: --point must be x,y in image pixels, got {args.point!r}") from None
     model = load_model(args).eval()
-    seg = vk.segment(model, args.image, point=(x, y), layer=args.layer, threshold=args.threshold, size=args.size,
+    seg = vk.segment(model, args.image, point=(x, y), layer=_last(args.layer), threshold=args.threshold, size=args.size,
                      feature=args.feature, mean=_stats(args.mean), std=_stats(args.std))
     out = Path(args.out or f"{Path(args.image).stem}_segment.png")
     png, npy = seg.save(out, size=_display_size(seg.mask.shape, args.display))
@@ -119,7 +124,7 @@ def _run_segment_volume(args: argparse.Namespace) -> None:
     from vitkit.cli import load_model
 
     model = load_model(args).eval()
-    seg = vk.segment_volume(model, args.volume, args.voxel, patches=args.patches, layer=args.layer,
+    seg = vk.segment_volume(model, args.volume, args.voxel, patches=args.patches, layer=_last(args.layer),
                             feature=args.feature, floor=args.floor, power=args.power, reduce=args.reduce,
                             threshold=args.threshold, mean=_stats(args.mean), std=_stats(args.std),
                             batch_size=args.batch_size, progress=not args.no_progress)

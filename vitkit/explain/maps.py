@@ -118,7 +118,8 @@ def rollout_map(maps, head_fusion: str = "mean", discard_ratio: float = 0.0, leg
 
 
 def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str = "rollout",
-            target: Union[None, int, Sequence[int]] = None, *, layer: int = -1, head: Union[str, int] = "mean",
+            target: Union[None, int, Sequence[int]] = None, *, layer: Optional[int] = None,
+            head: Union[str, int] = "mean",
             query="cls", head_fusion: str = "mean", discard_ratio: float = 0.0, legacy_vit_explain: bool = False,
             size: Union[None, int, Sequence[int]] = None, mean=None, std=None, top_traits: int = 1) -> Explanation:
     """Explain what `model` looks at in `image`.
@@ -138,7 +139,8 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         target: class index (gradcam, grad_rollout, bcos, prompt-cam; `ValueError` outside 0..num_classes-1);
             default the prediction. Ignored (and logged) by the class-agnostic 'attention' and 'rollout'.
         top_traits: heads averaged into the 'prompt-cam' map.
-        layer: block for 'attention' and 'gradcam'.
+        layer: block for 'attention' and 'gradcam' (default the last, -1); the other methods use every layer
+            (rollout) or the last (bcos, prompt-cam) and refuse it.
         head: 'mean', 'max', 'min' or a head index ('attention').
         query: 'cls' (falls back to the mean of patch queries without a class token), 'mean', or see
             `LayerAttention.query_rows`.
@@ -152,6 +154,10 @@ def explain(model: nn.Module, image: Union[ImageLike, torch.Tensor], method: str
         raise ValueError(f"explain: unknown `method` {method!r}; choose one of {', '.join(METHODS)}")
     if method in ("gradcam", "grad_rollout", "bcos", "prompt-cam"):
         check_target(model, target, method)
+    if layer is not None and method not in ("attention", "gradcam"):
+        raise ValueError(f"explain: `layer` chooses the block of 'attention' and 'gradcam'; {method!r} does not take "
+                         "one (rollout multiplies every layer's attention): leave it out")
+    layer = -1 if layer is None else layer
     x, pil = prepare(model, image, size=size, mean=mean, std=std)
     H, W = x.shape[-2:]
     was_training = model.training
