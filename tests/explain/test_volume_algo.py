@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from vitkit.explain.volume_algo import click_similarity, to_uint8
+from vitkit.explain.volume_algo import click_similarity, feature_grid, normalise, to_uint8
 
 
 def sample(f: torch.Tensor, click, shape) -> torch.Tensor:
@@ -43,6 +43,16 @@ def test_click_similarity_off_centre_clicks_mean_max_and_defaults():
     torch.testing.assert_close(click_similarity(f, clicks, shape), oracle(f, clicks, shape, 0.25, 2.5, "mean"))
     torch.testing.assert_close(click_similarity(f, clicks, shape, 0.1, 1.5, "max"),
                                oracle(f, clicks, shape, 0.1, 1.5, "max"))
+
+
+def test_normalise_and_a_thin_axis():
+    """Min-max to [0, 1] whatever the range; a constant volume gives zeros (not NaN); an axis far thinner than the
+    middle one keeps one cell."""
+    vol = torch.tensor([[[2.0, 6.0], [3.0, 5.0]]])
+    torch.testing.assert_close(normalise(vol), (vol - 2) / 4)
+    flat = normalise(torch.full((2, 3, 4), 7.0))
+    assert flat.shape == (2, 3, 4) and not flat.any()
+    assert feature_grid((2, 40, 50), 4) == (1, 4, 5)
 
 
 def test_transfer_function_scale_and_clamps():
