@@ -12,7 +12,8 @@ from vitkit.adapt.dml_proxies_algo import proxy_anchor_loss
 
 
 def formula(sim, labels, alpha, delta, divide_positives_by):
-    """Proxy-Anchor: Σ_c log(1 + Σ_{x∈X_c⁺} e^{−α(s−δ)}) / divide_positives_by + Σ_c log(1 + Σ_{x∈X_c⁻} e^{α(s+δ)}) / C."""
+    """Proxy-Anchor: Σ_c log(1 + Σ_{x∈X_c⁺} e^{−α(s−δ)}) / divide_positives_by
+    + Σ_c log(1 + Σ_{x∈X_c⁻} e^{α(s+δ)}) / C."""
     C = len(sim[0])
     pos = sum(math.log(1 + sum(math.exp(-alpha * (row[c] - delta)) for row, y in zip(sim, labels) if y == c))
               for c in range(C))
