@@ -43,6 +43,13 @@ def main() -> int:
     ap.add_argument("--show", action="store_true", help="print each survivor's diff")
     ap.add_argument("--keep", help="scratch directory to use and keep (default: a temporary one, removed)")
     args = ap.parse_args()
+    if not MUTMUT.exists():
+        print(f"mutmut is not installed next to {sys.executable}: pip install -e '.[dev]'", file=sys.stderr)
+        return 2
+    missing = [p for p in (args.file, *args.tests) if not (ROOT / p).is_file()]
+    if missing:
+        print(f"not a file of the repository: {', '.join(missing)}", file=sys.stderr)
+        return 2
     scratch = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="vitkit-mutmut-"))
     try:
         work = scratch / "repo"
