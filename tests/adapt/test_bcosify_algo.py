@@ -44,13 +44,15 @@ def test_bcos_scale_is_non_negative_on_tiny_inputs():
 def test_bcos_conv2d_defaults_padding_small_norms_and_float64():
     torch.manual_seed(2)
     w, bias = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    for x, stride, padding in ((0.01 * torch.randn(2, 2, 6, 6, dtype=torch.float64), 1, 0),
+    for x, stride, padding in (((0.01 * torch.randn(2, 2, 6, 6, dtype=torch.float64)).requires_grad_(), 1, 0),
                                (torch.randn(2, 2, 7, 7, dtype=torch.float64), 2, 1)):
         fields = F.unfold(x, 3, padding=padding, stride=stride).transpose(1, 2)  # (B, L, C·3·3)
         side = (x.shape[-1] + 2 * padding - 3) // stride + 1
         expected = (bcos_formula(fields, w.flatten(1), 2.0) + bias).transpose(1, 2).reshape(2, 4, side, side)
         if stride == 1 and padding == 0:
-            got = bcos_conv2d(x, w, bias)  # defaults: stride 1, no padding, b = 2
+            got = bcos_conv2d(x, w, bias)  # defaults: stride 1, no padding, b = 2, gradient through the scale
+            g = torch.randn_like(got)
+            torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(expected, x, g)[0])
         else:
             got = bcos_conv2d(x, w, bias, stride, padding, b=2.0)
         assert got.dtype == torch.float64
