@@ -24,6 +24,7 @@ def bicubic(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def test_inflate_weight_from_kernels_with_four_channels():
+    torch.manual_seed(0)
     w = torch.randn(6, 4, 2, 2)
     got = inflate_weight(w, [3, "sum", "mean", "zero", 0])
     total = w[:, 0] + w[:, 1] + w[:, 2] + w[:, 3]
