@@ -6,7 +6,6 @@ triangular filters equally spaced on the HTK mel scale `mel(f) = 2595 log10(1 + 
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -48,8 +47,3 @@ def log_mel(wave: torch.Tensor, sample_rate: int = 16000, n_fft: int = 400, hop:
     fb = mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate).to(wave.device, power.dtype)
     mel = torch.einsum("bft,fm->bmt", power, fb)
     return torch.log(mel + eps)[:, None]
-
-
-def frames_for(seconds: float, sample_rate: int, hop: int) -> int:
-    """STFT frames `log_mel` gives for a clip of `seconds`."""
-    return 1 + math.floor(seconds * sample_rate) // hop
