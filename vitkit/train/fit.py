@@ -159,6 +159,9 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
     if objective is not None and val is not None:
         raise ValueError("fit: `val` is for classification; a self-supervised objective is measured afterwards "
                          "(vk.evaluate with protocol='knn' or 'linear')")
+    if val is not None and hasattr(model, "dense_head"):
+        raise ValueError("fit: `val` measures a classifier; measure a dense head afterwards with "
+                         "vk.evaluate(model, data, protocol='dense')")
     net = model if objective is None else objective  # what the optimizer, Accelerate and checkpoints see
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if not params:
