@@ -77,6 +77,8 @@ class DenseHead(nn.Module):
         super().__init__()
         self.cfg, self.blocks, self.outputs = cfg, blocks, outputs
         self.proj = nn.Linear(width * (len(blocks) if cfg.combine == "concat" else 1), outputs)
+        nn.init.zeros_(self.proj.weight)  # a linear probe needs no random start: the same head on every run
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, grids: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         y = algo.per_patch(algo.combine(grids, self.cfg.combine), self.proj.weight, self.proj.bias)
