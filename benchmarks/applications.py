@@ -237,7 +237,8 @@ def main() -> None:
                    run_audio(seeds, args.epochs))
         elif task == "tiles":
             report(f"multispectral tiles (procedural), dense head on blocks {args.blocks}: land-cover mIoU (4 classes) "
-                   "and road + building density MSE per patch on 64 tiles", run_tiles(seeds, args.steps, tuple(args.blocks)))
+                   "and road + building density MSE per patch on 64 tiles",
+                   run_tiles(seeds, args.steps, tuple(args.blocks)))
         elif task == "video":
             report("moving digits (procedural), 8 directions, 20 train / 20 test per class: top-1",
                    run_video(seeds, args.epochs))

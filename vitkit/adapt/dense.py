@@ -151,7 +151,10 @@ def evaluate(model: nn.Module, data, batch_size: int = 256) -> dict:
     per-output MSE (regress) of a dense model over `data` (`(image, target)` pairs, targets as `vk.fit` takes)."""
     head = getattr(model, "dense_head", None)
     if not isinstance(head, DenseHead):
-        raise ValueError("evaluate: protocol `dense` needs a dense head: vk.adapt(model, 'dense', ...) and vk.fit first")
+        raise ValueError("evaluate: protocol `dense` needs a dense head: vk.adapt(model, 'dense', ...) and vk.fit "
+                         "first")
+    if len(data) == 0:
+        raise ValueError("evaluate: protocol `dense` got an empty dataset")
     was_training = model.training
     model.eval()
     device = first_weight(head).device
