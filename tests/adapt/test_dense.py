@@ -162,6 +162,21 @@ def test_composes_with_channels_and_keeps_what_it_trains():
     assert model(torch.randn(1, 10, 32, 32)).shape == (1, 4, 8, 8)
 
 
+def test_composes_with_prompts_and_merging_and_round_trips(tmp_path):
+    model = tiny(img_size=32)
+    vk.adapt(model, "vpt", num_prompts=3)
+    vk.adapt(model, "dense", blocks=(1, 3))
+    vk.accelerate(model, "tome", r=4)  # merged tokens are unmerged onto the grid by the runner
+    with torch.no_grad():
+        model.dense_head.proj.weight.normal_()
+        x = torch.randn(2, 3, 32, 32)
+        assert model(x).shape == (2, 3, 8, 8)
+        vk.save(model, tmp_path / "saved")
+        loaded = vk.load(tmp_path / "saved")
+        assert [a.name for a in vk.applied(loaded)] == ["vpt", "dense", "tome"]
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=1e-6)
+
+
 def test_tile_scenes_keep_tile_maps_and_give_densities():
     x, cover, dens = tile_scenes(3, np.random.default_rng(5))
     x0, cover0 = tile_maps(3, np.random.default_rng(5))
