@@ -6,7 +6,10 @@ Sentinel-2 tiles, a head trained on n = 8 ... 128 labelled tiles over a frozen b
 
 Claim implemented: the frozen (or adapted) ViT's patch tokens at chosen blocks carry enough to predict a label or a
 density for every patch with one linear map per patch; with the `channels` adapter, bands an RGB image lacks
-raise land-cover mIoU where the classes differ only in those bands (measured: benchmarks/RESULTS.md).
+raise land-cover mIoU where the classes differ only in those bands. Measured (benchmarks/RESULTS.md, embedded ViT,
+procedural tiles, 3 seeds): land-cover mIoU 0.904 / 0.934 / 0.946 at n = 8 / 32 / 128 with all 10 bands vs 0.139 /
+0.148 / 0.134 from RGB; road / building density MSE 0.0030 / 0.0020 / 0.0021 vs 0.0025 / 0.0021 / 0.0019 from RGB
+(predicting the mean: 0.0229), which shows them as well.
 
 Plugs in at: `forward_intermediates` of the block runner (prompts stripped, merged tokens unmerged onto the grid,
 prefix tokens - class, registers, distillation - dropped by the token layout). The tokens of `blocks` (after the
@@ -54,7 +57,8 @@ class Config:
     combine: Literal["concat", "sum"] = field(default="concat", metadata={
         "help": "how the blocks' tokens join: concatenated (width D x len(blocks)) or summed (width D)"})
     norm: bool = field(default=True, metadata={
-        "help": "apply the model's final norm to every tapped block's tokens (timm's forward_intermediates norm)"})
+        "help": "apply the model's final norm to every tapped block's tokens (timm's forward_intermediates norm; "
+                "Identity on avg-pool models, whose fc_norm acts after pooling)"})
     upsample: bool = field(default=False, metadata={
         "help": "upsample the per-patch maps bilinearly to the input's pixels (targets then per pixel)"})
     lr: float = field(default=3e-3, metadata={
