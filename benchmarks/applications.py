@@ -10,8 +10,10 @@ also `vitkit bench`'s tasks of these inputs).
   pitch, onset, length, level, noise), 0.5 s at 8 kHz -> log-mel 32 x 64 (`spectrogram_algo.log_mel`); adapter
   `spectrogram` (1 channel, non-square 8 x 16 grid) + `full` fine-tuning, pretrained vs random init;
 * tiles: 32 x 32 x 10-band tiles, Voronoi land cover of 4 classes with *the same* RGB statistics, told apart only by
-  NIR / red-edge / SWIR; a dense head (linear, per patch) on the frozen backbone with a trained patch embedding,
-  `channels` (all 10 bands) vs the RGB model on B04 B03 B02, n = 8 / 32 / 128 training tiles, patch mIoU;
+  NIR / red-edge / SWIR, with roads and buildings drawn over it that RGB shows as well as all bands
+  (`tile_scenes`); the library's dense head (`vk.adapt(model, "dense")`, linear per patch on the tokens of
+  `--blocks`) on the frozen backbone with a trained patch embedding, `channels` (all 10 bands) vs the RGB model on
+  B04 B03 B02, n = 8 / 32 / 128 training tiles: land-cover mIoU and road / building density MSE per patch;
 * video: 4-frame clips of a digit moving 3 px/frame in one of 8 directions; `video` (tubelets of 2 frames) +
   `full` vs the 2-D model on the frame average (which shows the axis of motion, not its sign); `video-mae`: the
   same fine-tuning with and without tube-masked pre-training on 320 unlabelled clips first;
@@ -25,16 +27,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import tempfile
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import vitkit as vk
-from vitkit.data.generators import clips, pairs, points, sounds, tile_maps
+from vitkit.data.generators import clips, pairs, points, sounds, tile_scenes
 
 EMBEDDED = "vitkit/vit-tiny-cifar"
 
@@ -57,7 +58,11 @@ def fit_eval(model, train, test, epochs: int, lr: float, seed: int, batch_size: 
 def note(rows: dict, name: str, seed: int, value: float) -> None:
     """Record one measurement and print it at once (a long run interrupted keeps what it measured)."""
     rows.setdefault(name, []).append(value)
-    print(f"    seed {seed}: {name}: {value:.3f}", flush=True)
+    print(f"    seed {seed}: {name}: {fmt(name, value)}", flush=True)
+
+
+def fmt(name: str, value: float) -> str:
+    return f"{value:.4f}" if "MSE" in name else f"{value:.3f}"  # densities' MSE is small
 
 
 def split(x: torch.Tensor, y: torch.Tensor, n_train: int, seed: int):
@@ -88,49 +93,44 @@ def run_audio(seeds, epochs):
 
 # ------------------------------------------------------------------------------------------------------- tiles
 
-def miou(pred: torch.Tensor, y: torch.Tensor, k: int = 4) -> float:
-    ious = [((pred == c) & (y == c)).sum().item() / max(((pred == c) | (y == c)).sum().item(), 1) for c in range(k)
-            if (y == c).any()]
-    return float(np.mean(ious))
-
-
-def dense_run(bands: tuple, train_x, train_y, test_x, test_y, seed: int, steps: int) -> float:
+def dense_run(task: str, bands: tuple, train, test, seed: int, steps: int, blocks: tuple) -> float:
+    """The library's dense head (`vk.adapt(model, "dense")`) on the frozen embedded ViT with a trained `channels`
+    patch embedding, `steps` optimizer steps of vk.fit; mIoU (segment) or MSE (regress) on `test`."""
     torch.manual_seed(seed)
     model = fresh()
     vk.adapt(model, "channels", bands=bands, rgb=("B04", "B03", "B02"), train_head=False)
-    head = nn.Linear(model.embed_dim, 4)  # the dense head: one linear classifier per patch token
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    p = model.num_prefix_tokens
-
-    def logits(x):
-        return head(model.forward_features(x)[:, p:])  # (B, 64, 4)
-
-    for step in range(steps):
-        idx = torch.randint(0, len(train_x), (min(16, len(train_x)),))
-        loss = F.cross_entropy(logits(train_x[idx]).flatten(0, 1), train_y[idx].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        pred = torch.cat([logits(test_x[i:i + 64]).argmax(-1) for i in range(0, len(test_x), 64)])
-    return miou(pred, test_y.flatten(1))
+    vk.adapt(model, "dense", task=task, outputs=4 if task == "segment" else 2, blocks=blocks)
+    batch = min(16, len(train))
+    epochs = max(1, round(steps / math.ceil(len(train) / batch)))
+    with tempfile.TemporaryDirectory() as tmp:
+        vk.fit(model, train, epochs=epochs, batch_size=batch, seed=seed, out_dir=tmp, progress=False, save_model=False)
+    result = vk.evaluate(model, test, protocol="dense")
+    return result["miou"] if task == "segment" else result["mse"]
 
 
-def run_tiles(seeds, steps, shots=(8, 32, 128)):
+def run_tiles(seeds, steps, blocks, shots=(8, 32, 128)):
+    """Land cover (mIoU) and road + building density (MSE) at n = 8 / 32 / 128 training tiles, all bands vs RGB."""
+    from torch.utils.data import TensorDataset
+
     from vitkit.adapt.channels import SENTINEL2
 
-    keep = [SENTINEL2.index(b) for b in ("B02", "B03", "B04")]
+    views = (("all 10 bands (channels)", SENTINEL2, list(range(10))),
+             ("RGB only", ("B02", "B03", "B04"), [SENTINEL2.index(b) for b in ("B02", "B03", "B04")]))
     rows = {}
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        test_x, test_y = tile_maps(64, rng)
-        pool_x, pool_y = tile_maps(max(shots), rng)
+        test_x, test_cover, test_density = tile_scenes(64, rng)
+        pool_x, pool_cover, pool_density = tile_scenes(max(shots), rng)
         for n in shots:
-            for name, bands, cols in (("all 10 bands (channels)", SENTINEL2, list(range(10))),
-                                      ("RGB only", ("B02", "B03", "B04"), keep)):
-                score = dense_run(bands, pool_x[:n, cols], pool_y[:n], test_x[:, cols], test_y, seed, steps)
-                note(rows, f"{name}, n={n}", seed, score)
+            mean = pool_density[:n].mean((0, 2, 3))[None, :, None, None]  # the training tiles' mean density
+            note(rows, f"density MSE, predicting the training mean, n={n}", seed,
+                 ((test_density - mean) ** 2).mean().item())
+            for name, bands, cols in views:
+                for task, what, targets, test_targets in (("segment", "land-cover mIoU", pool_cover, test_cover),
+                                                          ("regress", "density MSE", pool_density, test_density)):
+                    score = dense_run(task, bands, TensorDataset(pool_x[:n, cols], targets[:n]),
+                                      TensorDataset(test_x[:, cols], test_targets), seed, steps, blocks)
+                    note(rows, f"{what}, {name}, n={n}", seed, score)
     return rows
 
 
@@ -214,8 +214,8 @@ def run_points(seeds, epochs):
 def report(title: str, rows: dict) -> None:
     print(f"\n{title}")
     for name, values in rows.items():
-        runs = " ".join(f"{v:.3f}" for v in values)
-        print(f"  {name}: {np.mean(values):.3f} ± {np.std(values):.3f}  (seeds: {runs})")
+        runs = " ".join(fmt(name, v) for v in values)
+        print(f"  {name}: {fmt(name, np.mean(values))} ± {fmt(name, np.std(values))}  (seeds: {runs})")
 
 
 def main() -> None:
@@ -225,6 +225,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6, help="epochs of the audio, video and points runs")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each dense (tiles) run")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[-1], help="the blocks the dense (tiles) head reads")
     args = ap.parse_args()
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -235,8 +236,9 @@ def main() -> None:
             report("audio events (procedural), 8 classes, 20 train / 20 test per class: top-1",
                    run_audio(seeds, args.epochs))
         elif task == "tiles":
-            report("multispectral tiles (procedural), 4 land-cover classes, dense head: patch mIoU on 64 tiles",
-                   run_tiles(seeds, args.steps))
+            report(f"multispectral tiles (procedural), dense head on blocks {args.blocks}: land-cover mIoU (4 classes) "
+                   "and road + building density MSE per patch on 64 tiles",
+                   run_tiles(seeds, args.steps, tuple(args.blocks)))
         elif task == "video":
             report("moving digits (procedural), 8 directions, 20 train / 20 test per class: top-1",
                    run_video(seeds, args.epochs))

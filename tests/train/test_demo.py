@@ -29,7 +29,8 @@ def test_demo_runs_every_adapt_method_and_reports_failures(tmp_path, monkeypatch
     summary = run_demo(cfg, tmp_path, progress=False)
     names = [r["method"] for r in summary["rows"]]
     assert names == [m.name for m in vk.methods("adapt")  # methods added later appear by existing; input
-                     if not getattr(m.config, "INPUT", None)], names  # adapters (docs/applications.md) take no images
+                     if not getattr(m.config, "INPUT", None)  # adapters (docs/applications.md) take no images
+                     and not getattr(m.config, "OUTPUT", None)], names  # dense predicts maps, not classes
     rows = {r["method"]: r for r in summary["rows"]}
     assert rows["zz-broken"]["status"] == "error" and "always fails" in rows["zz-broken"]["error"]
     assert rows["linear"]["status"] == "ok" and rows["full"]["status"] == "ok"

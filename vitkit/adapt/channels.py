@@ -16,8 +16,8 @@ wraps the projection. Trainable: the new patch embedding (`train_embed`) and the
 keep theirs, applied after add theirs. Saves/loads through `vk.save` (the new kernels are saved).
 Hand-written here, and why: timm adapts input convolutions only at load time and only by repeating R, G, B
 (scaled 3/N); band-to-kernel mapping and zero starts are not offered by any library. Differs from the reference:
-the dense head and the n-shot protocol of PhilEO are the demo's (`benchmarks/applications.py`), not this
-module's. Docs: docs/applications.md.
+PhilEO's dense head is the `dense` method (`vitkit/adapt/dense.py`), its n-shot protocol the demo's
+(`benchmarks/applications.py --tasks tiles`). Docs: docs/applications.md.
 """
 from __future__ import annotations
 

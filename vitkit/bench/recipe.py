@@ -332,6 +332,11 @@ def make_chain(text: str) -> Chain:
     steps = []
     for name, config in parse_chain(text):
         steps.append((name, registry.make_config(registry.get(name), **config)))
+    maps = [name for name, _ in steps if getattr(registry.get(name).config, "OUTPUT", None)]
+    if maps:  # `dense`: the bench's protocols score a classifier
+        raise ValueError(f"`{maps[0]}` makes the model predict {registry.get(maps[0]).config.OUTPUT}, not classes; "
+                         "the bench's protocols score classifiers: measure it with vk.evaluate(model, data, "
+                         "protocol='dense') (benchmarks/applications.py --tasks tiles)")
     inputs = [name for name, _ in steps if getattr(registry.get(name).config, "INPUT", None)]
     if len(inputs) > 1:
         raise ValueError(f"{' and '.join(f'`{n}`' for n in inputs)} each replace the model's input; a chain takes "
@@ -612,5 +617,7 @@ def _tensors_sha256(model) -> str:
 
 def all_registered_chains(kinds=("adapt", "accelerate")) -> list[str]:
     """Every registered method of `kinds` as a one-method chain with its defaults (`linear` and `full` are the
-    protocols' own baselines and are left out); `load_recipe` keeps the input adapters whose task is listed."""
-    return [m.name for m in registry.methods() if m.kind in kinds and m.name not in ("linear", "full")]
+    protocols' own baselines and are left out, `dense` predicts maps, not classes); `load_recipe` keeps the input
+    adapters whose task is listed."""
+    return [m.name for m in registry.methods() if m.kind in kinds and m.name not in ("linear", "full")
+            and not getattr(m.config, "OUTPUT", None)]

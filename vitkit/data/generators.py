@@ -7,7 +7,8 @@ Each task is made for the question its adapter answers, so that the new input ca
   pitch, onset, length, level, noise), 0.5 s at 8 kHz -> log-mel (1, 32, 64), standardised; adapter `spectrogram`.
 * `tiles`: (10, 32, 32) Sentinel-2 tiles (`channels.SENTINEL2` band order) of Voronoi land cover of 4 classes with
   *the same* RGB statistics, told apart only by NIR / red-edge / SWIR; the label is the majority cover (`tile_maps`
-  gives the per-patch labels of the dense task); adapter `channels`.
+  gives the per-patch labels of the dense task; `tile_scenes` adds roads and buildings with per-patch density
+  targets); adapter `channels`.
 * `clips`: (3, 4, 32, 32) clips of a 16x16 digit moving 3 px/frame in one of 8 directions; adapter `video`.
 * `pairs`: (6, 32, 32) image pairs, a digit then the same digit moved 4 px left/right/up/down (4 classes, which no
   single image shows); adapter `paired`.
@@ -110,6 +111,42 @@ def tiles(per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
                 kept.append(x[0])
         out.append(torch.stack(kept))
     return torch.cat(out), torch.arange(4).repeat_interleave(per_class)
+
+
+ROAD = [0.7] * 10  # asphalt: bright and flat in every band, so RGB shows it as well as all 10 bands do
+ROOF = [0.25, 0.3, 0.65, 0.35, 0.5, 0.45, 0.4, 0.35, 0.55, 0.5]  # red roofs (B04 high), in SENTINEL2 order
+
+
+def tile_scenes(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense task of PhilEO on procedural tiles: `tile_maps`' land cover with roads (1-3 polylines of 2-3
+    segments, 1 px wide) and buildings (1-6 rectangles of 2-6 px sides) drawn over it, both visible in RGB.
+
+    Returns:
+        (n, 10, 32, 32) normalised tiles, (n, 8, 8) land-cover labels of the 4x4 patches (majority of the cover
+        under roads and buildings, as `tile_maps`), (n, 2, 8, 8) road and building density per patch: the fraction
+        of its 16 pixels they cover (disjoint: a building hides the road under it).
+    """
+    from vitkit.adapt.dense_algo import density
+
+    x, cover = tile_maps(n, rng)
+    road, roof = np.array(ROAD, np.float32), np.array(ROOF, np.float32)
+    masks = np.zeros((n, 2, 32, 32), bool)
+    for i in range(n):
+        for _ in range(rng.integers(1, 4)):
+            points = rng.uniform(0, 32, (rng.integers(3, 5), 2))
+            for a, b in zip(points[:-1], points[1:]):
+                t = np.linspace(0, 1, 64)[:, None]
+                yx = np.clip(np.floor(a + t * (b - a)), 0, 31).astype(int)
+                masks[i, 0, yx[:, 0], yx[:, 1]] = True
+        for _ in range(rng.integers(1, 7)):
+            h, w = rng.integers(2, 7, 2)
+            top, left = rng.integers(0, 33 - h), rng.integers(0, 33 - w)
+            masks[i, 1, top:top + h, left:left + w] = True
+        masks[i, 0] &= ~masks[i, 1]
+        for mask, value in ((masks[i, 0], road), (masks[i, 1], roof)):
+            noise = rng.normal(0, 0.05, (int(mask.sum()), 10)).astype(np.float32)
+            x[i][:, torch.from_numpy(mask)] = torch.from_numpy(((value + noise - 0.4) / 0.2).T)
+    return x, cover, density(torch.from_numpy(masks), 4)
 
 
 # ------------------------------------------------------------------------------------------------------- digits

@@ -111,7 +111,8 @@ def run_demo(cfg: DemoConfig, out: str | Path = "vitkit-demo", progress: bool = 
     train, test = downstream_task(probe_model, cfg)
     test_images = torch.stack([test[i][0] for i in range(len(test))])
     names = list(cfg.methods) if cfg.methods else [m.name for m in vk.methods("adapt")
-                                                   if not getattr(m.config, "INPUT", None)]  # input adapters: no images
+                                                   if not getattr(m.config, "INPUT", None)  # input adapters: no images
+                                                   and not getattr(m.config, "OUTPUT", None)]  # dense: no classes
     rows, started = [], time.perf_counter()
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    disable=not progress)

@@ -8,6 +8,8 @@ Protocols:
                 DINO (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision Transformers").
     fewshot     n-shot nearest prototype (mean of the n normalised support features per class, cosine), repeated
                 over several seeded support draws from `train`; mean and std of top-1.
+    dense       a dense head's per-patch predictions (`vk.adapt(model, "dense")`): mIoU, per-class IoU and pixel
+                accuracy, or MSE (`vitkit.adapt.dense.evaluate`).
     retrieval   deep-metric-learning retrieval by cosine similarity: every image of `data` queries the others
                 (leave-one-out; usually classes held out from training), or the `train` gallery when given;
                 Recall@K (a same-class item among the K nearest) and MAP@R (Musgrave et al., 2020, "A Metric
@@ -30,7 +32,7 @@ import torch.nn as nn
 
 _log = logging.getLogger("vitkit")
 
-PROTOCOLS = ("finetuned", "linear", "knn", "fewshot", "retrieval")
+PROTOCOLS = ("finetuned", "linear", "knn", "fewshot", "retrieval", "dense")
 
 
 @torch.inference_mode()
@@ -131,6 +133,10 @@ def evaluate(model: nn.Module, data, protocol: str = "finetuned", *, train=None,
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"evaluate: unknown protocol `{protocol}`; protocols: {', '.join(PROTOCOLS)}")
+    if protocol == "dense" or (protocol == "finetuned" and hasattr(model, "dense_head")):
+        from vitkit.adapt.dense import evaluate as dense_evaluate  # a dense model's own head is per patch
+
+        return dense_evaluate(model, data, batch_size=batch_size)
     classes = getattr(data, "classes", None)
     if protocol == "finetuned":
         scores, labels = features(model, data, batch_size=batch_size, logits=True)

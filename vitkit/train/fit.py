@@ -163,6 +163,9 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
         refuse_attached(model, "fit", "the self-supervised objective computes its loss on the plain images")
     elif getattr(model, "computes_loss", False):
         refuse_attached(model, "fit", "the model computes its own loss on the plain batch (`computes_loss`)")
+    if val is not None and hasattr(model, "dense_head"):
+        raise ValueError("fit: `val` measures a classifier; measure a dense head afterwards with "
+                         "vk.evaluate(model, data, protocol='dense')")
     net = model if objective is None else objective  # what the optimizer, Accelerate and checkpoints see
     if objective is not None:
         objective.distribute(world, accelerator.device)  # batch norm over the global batch (DINO's heads)
