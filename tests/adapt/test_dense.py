@@ -143,6 +143,17 @@ def test_segment_trains_evaluates_and_round_trips(tmp_path):
         torch.testing.assert_close(loaded(data.tensors[0]), model(data.tensors[0]), atol=1e-6, rtol=1e-6)
 
 
+def test_fit_counts_images_not_patches_and_reports_patch_accuracy(tmp_path):
+    """`vk.fit`'s figures on a dense head: images/s counts the 12 images an epoch sees (not 12 x 64 patches),
+    `train_acc` is the per-patch accuracy when segmenting and absent when regressing."""
+    _, _, result = _train_eval("segment", 4, lambda c, d: c, tmp_path / "segment")
+    epoch = result.history[-1]
+    assert epoch["img_per_s"] * epoch["epoch_time_s"] == pytest.approx(12, rel=1e-3)
+    assert 0 <= epoch["train_acc"] <= 1
+    _, _, result = _train_eval("regress", 2, lambda c, d: d, tmp_path / "regress")
+    assert "train_acc" not in result.history[-1]
+
+
 def test_regress_mse(tmp_path):
     model, data, _ = _train_eval("regress", 2, lambda c, d: d, tmp_path)
     report = vk.evaluate(model, data, protocol="dense")

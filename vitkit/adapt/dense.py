@@ -18,8 +18,8 @@ values per patch by `model.dense_head` (a Linear, i.e. a 1x1 convolution), optio
 input's pixels. `model(x)` returns `(B, outputs, gh, gw)` (or `(B, outputs, H, W)`); `vk.fit(model, train)` trains
 with per-patch cross-entropy (`segment`; targets `(B, gh, gw)` class indices) or MSE (`regress`; targets
 `(B, outputs, gh, gw)` floats; `(B, gh, gw)` when `outputs` is 1): `model.computes_loss` makes `fit` call
-`model(images, targets) -> (logits, loss, labels)` (so `fit`'s `train_acc` is per patch and its images/s counts
-patches; regression reports no accuracy). `vk.evaluate(model, data, protocol="dense")` gives mIoU and
+`model(images, targets) -> (logits, loss, labels)` (so `fit`'s `train_acc` is the per-patch accuracy;
+regression reports none). `vk.evaluate(model, data, protocol="dense")` gives mIoU and
 pixel accuracy, or MSE. Trainable: the dense head, and what adapters applied before train (not the classifier
 head, which the dense model does not use). Saves/loads through `vk.save` / `vk.load`.
 Hand-written here, and why: timm gives the intermediate tokens but no head over them; segmentation libraries

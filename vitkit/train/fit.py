@@ -268,7 +268,7 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                 train.set_epoch(epoch)
             for augmentation in attached(model).values():  # augmentations that depend on the epoch (hint-aug)
                 getattr(augmentation, "set_epoch", lambda e: None)(epoch)
-            loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+            loss_sum, correct, labelled, seen, t0 = 0.0, 0, 0, 0, time.perf_counter()
             stat_sums: dict[str, float] = {}  # an objective's per-batch statistics, summed over images
             for i, (images, targets, *extras) in enumerate(loader(train, order)):  # extras: e.g. ForAug's masks
                 images, targets = images.to(accelerator.device), targets.to(accelerator.device)
@@ -318,23 +318,25 @@ def fit(model: nn.Module, train: torch.utils.data.Dataset, val: Optional[torch.u
                     step += 1
                     if objective is not None:
                         objective.after_step(step, total)
-                n = len(labels) if labels is not None else len(images)  # an augmentation may add images (hint-aug)
+                n = len(mix.images) if mix is not None and not computes_loss else len(images)  # hint-aug adds images
                 loss_sum += loss.item() * n
-                if logits is not None and labels is not None:
-                    correct += (logits.argmax(-1) == labels).sum().item()
+                if logits is not None and labels is not None and labels.ndim == 1:  # hard labels (a dense head's
+                    correct += (logits.argmax(-1) == labels).sum().item()          # are per patch, flattened)
+                    labelled += len(labels)
                 seen += n
                 speed = seen * world / (time.perf_counter() - t0)
-                acc = f"acc {correct / seen:.3f} " if objective is None else ""
+                acc = f"acc {correct / labelled:.3f} " if labelled else ""
                 bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} {acc}{speed:.0f} img/s "
                                                    f"lr {optimizer.param_groups[0]['lr']:.2e}")
-            totals = accelerator.reduce(torch.tensor([loss_sum, correct, seen, *stat_sums.values()],
+            totals = accelerator.reduce(torch.tensor([loss_sum, correct, labelled, seen, *stat_sums.values()],
                                                      dtype=torch.float64, device=accelerator.device), "sum").tolist()
             metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       "train_loss": totals[0] / totals[2], "train_acc": totals[1] / totals[2],
-                       "img_per_s": totals[2] / (time.perf_counter() - t0), "epoch_time_s": time.perf_counter() - t0}
-            if objective is not None:  # no accuracy without labels; the objective's statistics instead
+                       "train_loss": totals[0] / totals[3], "train_acc": totals[1] / max(totals[2], 1),
+                       "img_per_s": totals[3] / (time.perf_counter() - t0), "epoch_time_s": time.perf_counter() - t0}
+            if not totals[2]:  # no hard labels (an objective, a regression head): no accuracy
                 del metrics["train_acc"]
-                metrics.update({k: v / totals[2] for k, v in zip(stat_sums, totals[3:])})
+            if objective is not None:  # the objective's statistics
+                metrics.update({k: v / totals[3] for k, v in zip(stat_sums, totals[4:])})
             if val is not None:
                 metrics.update(validate(ddp_model, loader(val, list(range(rank, len(val), world))), accelerator))
             history.append(metrics)
