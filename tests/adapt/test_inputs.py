@@ -372,7 +372,7 @@ def test_adapter_composes_with_lora_vpt_tome_and_checkpointing(name, cfg, make_i
 
 
 def test_bench_takes_input_adapters_in_chains_one_input_at_a_time():
-    """The bench runs them on their procedural task (tests/bench/test_inputs.py); a chain has one input."""
+    """The bench runs them on their procedural task (tests/bench/test_bench_inputs.py); a chain has one input."""
     from vitkit.bench.recipe import all_registered_chains, check_chain
 
     for name in ("channels", "spectrogram", "paired", "video", "points"):
