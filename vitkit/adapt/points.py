@@ -148,13 +148,15 @@ class GuidedAdapter(nn.Module):
         self.down = nn.Linear(dim, width)
         self.act = nn.GELU()
         self.up = nn.Linear(width, dim)
-        self.view_logits = nn.Parameter(torch.zeros(views))  # softmax -> w_v, equal at init
+        # softmax -> w_v, equal at init; one view (learned positions) needs no weight
+        self.view_logits = nn.Parameter(torch.zeros(views)) if views > 1 else None
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # (B, G, D)
         h = self.act(self.down(x))
-        return self.up(algo.guided_aggregate(h, idx, a, self.view_logits.softmax(0)))
+        w = h.new_ones(1) if self.view_logits is None else self.view_logits.softmax(0)
+        return self.up(algo.guided_aggregate(h, idx, a, w))
 
 
 def _after_block(x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
