@@ -150,3 +150,18 @@ def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="points: the guided adapters need this forward's 16 point tokens after the "
                                          "1 prefix tokens, got 14; token reduction"):
         model(clouds())
+
+
+def test_composes_with_lora_and_prompts(tmp_path):
+    model = vk.adapt(make_variant("registers", seed=13), "points", **CFG)
+    vk.adapt(model, "lora", rank=2)
+    vk.adapt(model, "vpt", num_prompts=2)  # prompts count as prefix tokens: the adapters skip them
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".points_adapter." in n for n in trainable) and any(".lora_" in n for n in trainable)
+    perturb_trainable(model, scale=0.1)
+    x = clouds(seed=2)
+    vk.save(model, tmp_path / "saved")
+    loaded = vk.load(tmp_path / "saved").eval()
+    assert [a.name for a in vk.applied(loaded)] == ["points", "lora", "vpt"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), atol=1e-6, rtol=1e-6)
