@@ -213,13 +213,13 @@ def run_points(seeds, epochs):
     return rows, fraction
 
 
-def run_points_adapters(seeds, epochs, n_points):
+def run_points_adapters(seeds, epochs, n_points, positions=("projection", "learned")):
     rows, fraction = {}, {}
     for seed in seeds:
         x, y = points(40, seed, n_points=n_points)
         train, test = split(x, y, 20, seed)
         for adapters in (False, True):
-            for position in ("projection", "learned"):
+            for position in positions:
                 torch.manual_seed(seed)
                 model = fresh(num_classes=8)
                 vk.adapt(model, "points", num_groups=64, group_size=32, position=position, adapters=adapters)
@@ -245,6 +245,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6, help="epochs of the audio, video and points runs")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each dense (tiles) run")
     ap.add_argument("--n-points", type=int, default=1024, help="points per cloud of the points-adapters runs")
+    ap.add_argument("--positions", nargs="+", default=["projection", "learned"], choices=["projection", "learned"],
+                    help="position embeddings of the points-adapters runs")
     args = ap.parse_args()
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -271,9 +273,9 @@ def main() -> None:
             report("point-cloud primitives (procedural), 8 classes, 20 train / 20 test per class: top-1", rows)
             print("  trainable fraction: " + ", ".join(f"{k} {v:.1%}" for k, v in fraction.items()))
         elif task == "points-adapters":
-            rows, fraction = run_points_adapters(seeds, args.epochs, args.n_points)
+            rows, fraction = run_points_adapters(seeds, args.epochs, args.n_points, args.positions)
             report(f"point-cloud primitives (procedural), {args.n_points} points, 8 classes, 20 train / 20 test per "
-                   "class, backbone frozen: top-1", rows)
+                   f"class, backbone frozen, {args.epochs} epochs: top-1", rows)
             print("  trainable fraction: " + ", ".join(f"{k} {v:.1%}" for k, v in fraction.items()))
         print(f"  ({time.time() - start:.0f} s)")
 
