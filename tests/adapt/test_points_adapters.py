@@ -142,8 +142,9 @@ def test_fresh_adapters_are_an_identity_and_only_they_tokenizer_and_head_train(v
 
 
 def test_refusals_name_the_problem():
-    with pytest.raises(ValueError, match=r"points: `adapter_k` \(20\) must be <= `num_groups` \(16\)"):
+    with pytest.raises(ValueError, match=r"points: `adapter_k` \(20\) must be <= `num_groups` \(16\) with `adapt"):
         vk.adapt(make_variant("plain"), "points", **{**CFG, "adapter_k": 20})
+    vk.adapt(make_variant("plain"), "points", **{**CFG, "adapter_k": 20, "adapters": False})  # k unused: no check
     with pytest.raises(ValueError, match="points: `adapter_tau` must be > 0"):
         vk.adapt(make_variant("plain"), "points", **{**CFG, "adapter_tau": 0.0})
     model = vk.accelerate(vk.adapt(make_variant("plain"), "points", **CFG), "tome", r=2)

@@ -80,9 +80,9 @@ class Config:
         for name in ("num_groups", "group_size", "views", "hidden", "adapter_width", "adapter_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"points: `{name}` must be >= 1, got {getattr(self, name)}")
-        if self.adapter_k > self.num_groups:
-            raise ValueError(f"points: `adapter_k` ({self.adapter_k}) must be <= `num_groups` ({self.num_groups}): "
-                             "a token's neighbours are other tokens")
+        if self.adapters and self.adapter_k > self.num_groups:
+            raise ValueError(f"points: `adapter_k` ({self.adapter_k}) must be <= `num_groups` ({self.num_groups}) "
+                             "with `adapters=True`: a token's neighbours are other tokens")
         if not self.adapter_tau > 0:
             raise ValueError(f"points: `adapter_tau` must be > 0, got {self.adapter_tau}")
 
