@@ -122,7 +122,7 @@ def test_fresh_adapters_are_an_identity_and_only_they_tokenizer_and_head_train(v
     view_logits = CFG["views"] if position == "projection" else 0  # one (learned) view needs no weight
     r, d = CFG["adapter_width"], model.embed_dim
     assert sum(p.numel() for n, p in model.named_parameters() if n in adapter) == 6 * (2 * d * r + r + d + view_logits)
-    # one training step with gradient checkpointing moves the adapters (and only trainable tensors) as without it
+    # gradients under gradient checkpointing equal those without, reach only trainable tensors, and the adapters
     perturb_trainable(model, scale=0.05)
     grads = []
     for ckpt in (False, True):
