@@ -18,7 +18,9 @@ also `vitkit bench`'s tasks of these inputs).
   `full` vs the 2-D model on the frame average (which shows the axis of motion, not its sign); `video-mae`: the
   same fine-tuning with and without tube-masked pre-training on 320 unlabelled clips first;
 * points: 256-point clouds of 8 primitives under random rotation, scale and jitter; `points` (tokenizer and head
-  train, backbone frozen) with projected 2-D position embedding vs a learned 3-D one.
+  train, backbone frozen) with projected 2-D position embedding vs a learned 3-D one; `points-adapters`: the same on
+  `--n-points` (1,024) point clouds, 64 groups of 32, each position kind with and without Any2Point's guided local
+  adapters (`adapters=True`, trained with the tokenizer and head).
 
     python benchmarks/applications.py --tasks audio        # one task of the RESULTS.md table (one process each)
     python benchmarks/applications.py --tasks audio --seeds 1 --epochs 3    # a quick look
@@ -211,6 +213,23 @@ def run_points(seeds, epochs):
     return rows, fraction
 
 
+def run_points_adapters(seeds, epochs, n_points, positions=("projection", "learned")):
+    rows, fraction = {}, {}
+    for seed in seeds:
+        x, y = points(40, seed, n_points=n_points)
+        train, test = split(x, y, 20, seed)
+        for adapters in (False, True):
+            for position in positions:
+                torch.manual_seed(seed)
+                model = fresh(num_classes=8)
+                vk.adapt(model, "points", num_groups=64, group_size=32, position=position, adapters=adapters)
+                name = f"{position} positions, {'guided adapters' if adapters else 'no adapters'}"
+                n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                fraction[name] = n_train / sum(p.numel() for p in model.parameters())
+                note(rows, name, seed, fit_eval(model, train, test, epochs, 1e-3, seed))
+    return rows, fraction
+
+
 def report(title: str, rows: dict) -> None:
     print(f"\n{title}")
     for name, values in rows.items():
@@ -221,11 +240,14 @@ def report(title: str, rows: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["audio", "tiles", "video", "points"],
-                    choices=["audio", "tiles", "video", "video-mae", "points", "paired"])
+                    choices=["audio", "tiles", "video", "video-mae", "points", "points-adapters", "paired"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6, help="epochs of the audio, video and points runs")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each dense (tiles) run")
     ap.add_argument("--blocks", type=int, nargs="+", default=[-1], help="the blocks the dense (tiles) head reads")
+    ap.add_argument("--n-points", type=int, default=1024, help="points per cloud of the points-adapters runs")
+    ap.add_argument("--positions", nargs="+", default=["projection", "learned"], choices=["projection", "learned"],
+                    help="position embeddings of the points-adapters runs")
     args = ap.parse_args()
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -251,6 +273,11 @@ def main() -> None:
         elif task == "points":
             rows, fraction = run_points(seeds, args.epochs)
             report("point-cloud primitives (procedural), 8 classes, 20 train / 20 test per class: top-1", rows)
+            print("  trainable fraction: " + ", ".join(f"{k} {v:.1%}" for k, v in fraction.items()))
+        elif task == "points-adapters":
+            rows, fraction = run_points_adapters(seeds, args.epochs, args.n_points, args.positions)
+            report(f"point-cloud primitives (procedural), {args.n_points} points, 8 classes, 20 train / 20 test per "
+                   f"class, backbone frozen, {args.epochs} epochs: top-1", rows)
             print("  trainable fraction: " + ", ".join(f"{k} {v:.1%}" for k, v in fraction.items()))
         print(f"  ({time.time() - start:.0f} s)")
 

@@ -5,6 +5,11 @@
 * `knn`: the k nearest points of each centre.
 * `view_rotations` / `project`: V virtual cameras (yaw `π·v/V`, pitch 30°); a 3-D point normalised to the unit
   ball is rotated into each camera and dropped onto its image plane (orthographic): `(u, v) = (R p)_xy ∈ [-1, 1]`.
+* `guidance` / `guided_aggregate`: Any2Point's guided local aggregation. Each token's neighbourhood is its k
+  nearest tokens in 3-D (itself included); in each view v the neighbours weigh by the similarity of the position
+  embeddings the tokens took in that view, `a_v[i, j] = softmax_j(cos(P_v[i], P_v[j]) / τ)` (tokens that project
+  close together in the pretrained 2-D grid weigh more), and the views are ensembled with weights `w_v`:
+  `out[i] = Σ_v w_v Σ_j a_v[i, j] h[j]`.
 """
 from __future__ import annotations
 
@@ -63,3 +68,30 @@ def view_rotations(v: int, pitch_deg: float = 30.0) -> torch.Tensor:
 def project(points: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Points `(B, G, 3)` in the unit ball -> plane coordinates `(B, V, G, 2)` in [-1, 1] (orthographic)."""
     return torch.einsum("vij,bgj->bvgi", rotations.to(points), points)[..., :2]
+
+
+def guidance(centres: torch.Tensor, guide: torch.Tensor, k: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours and their per-view weights for `guided_aggregate`.
+
+    Args:
+        centres: token centres `(B, G, 3)`.
+        guide: the position embedding each token took in each of V views `(B, V, G, C)`.
+        k: neighbours per token (its k nearest tokens in 3-D, itself included).
+        tau: softmax temperature on the cosine similarities.
+
+    Returns:
+        `idx` `(B, G, k)` neighbour indices and `a` `(B, V, G, k)` weights (each row sums to 1).
+    """
+    idx = knn(centres, centres, k)  # (B, G, k)
+    g = torch.nn.functional.normalize(guide, dim=-1)
+    cos = g @ g.transpose(-1, -2)  # (B, V, G, G)
+    B, V, G, _ = cos.shape
+    near = cos.gather(3, idx[:, None].expand(B, V, G, k))  # (B, V, G, k): cos(P_v[i], P_v[idx[i, j]])
+    return idx, (near / tau).softmax(-1)
+
+
+def guided_aggregate(h: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`out[b, i] = Σ_v w[v] Σ_j a[b, v, i, j] h[b, idx[b, i, j]]`: features `h` `(B, G, r)`, neighbours `idx`
+    `(B, G, k)`, per-view weights `a` `(B, V, G, k)`, view weights `w` `(V,)` -> `(B, G, r)`."""
+    weights = torch.einsum("v,bvgk->bgk", w.to(a), a).to(h)  # the views ensembled first: (B, G, k)
+    return torch.einsum("bgk,bgkr->bgr", weights, gather(h, idx))
