@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import vitkit as vk
 from vitkit.data.generators import clips, pairs, points, sounds, tile_maps
+from vitkit.pretrain.video_mae_algo import tubelets
 
 EMBEDDED = "vitkit/vit-tiny-cifar"
 
@@ -194,6 +195,61 @@ def run_video_mae(seeds, epochs, pretrain_epochs: int = 3):
     return rows
 
 
+POOLS = (320, 1280, 5120)
+
+
+def pool_seed(seed: int, epochs: int, steps: int = 160) -> dict:
+    """One seed of `run_video_mae_pool`: the same `video` + `full` fine-tuning (20 and 5 labelled clips per class)
+    after no pre-training or `video-mae` on nested pools of unlabelled clips, at a fixed budget of `steps`
+    pre-training steps (batch 32) whatever the pool size; also k-NN on the frozen features and the pretext loss."""
+    torch.set_num_threads(1)
+    logging.getLogger("vitkit").setLevel(logging.WARNING)
+    rows = {}
+    x, y = clips(60, seed)
+    train20, test = split(x, y, 20, seed)  # 20 labelled clips per class; the same 40 per class tested for all arms
+    first5 = [i for c in range(8) for i in [j for j, t in enumerate(train20.targets) if t == c][:5]]
+    train5 = vk.data.tensors(train20.samples[first5], [train20.targets[i] for i in first5])
+    unlabelled, _ = clips(max(POOLS) // 8, 1000 + seed)  # other digits, positions, directions than the labelled
+    unlabelled = unlabelled[torch.randperm(len(unlabelled), generator=torch.Generator().manual_seed(seed))]
+    blank = (tubelets(unlabelled, 2, 4, 4).var(-1) > 0).float().mean().item()
+    print(f"    seed {seed}: pretext loss of predicting blank tubelets: {blank:.3f}", flush=True)
+    for n in (0,) + POOLS:
+        arm = "no pre-training" if n == 0 else f"video-mae on {n} clips"
+        torch.manual_seed(seed)
+        model = fresh(num_classes=8)
+        vk.adapt(model, "video", num_frames=4, tubelet=2)
+        vk.adapt(model, "full")
+        if n:
+            pool = unlabelled[:n]  # nested: each pool holds the smaller ones
+            pre_epochs = steps * 32 / n
+            with tempfile.TemporaryDirectory() as tmp:
+                vk.pretrain(model, vk.data.tensors(pool, [0] * n), objective="video-mae", epochs=round(pre_epochs),
+                            warmup_epochs=0.1 * pre_epochs, batch_size=32, seed=seed, out_dir=tmp, progress=False)
+            note(rows, f"pretext loss (mean of the last pre-training epoch), {arm}", seed, model.__dict__["_vitkit_pretrain"]["history"][-1]["train_loss"])
+        note(rows, f"k-NN on frozen features (20/class), {arm}", seed,
+             vk.evaluate(model.eval(), test, "knn", train=train20)["top1"])
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for shots, train, batch in ((20, train20, 32), (5, train5, 8)):  # 5 optimizer steps per epoch in both
+            model.load_state_dict(state)
+            note(rows, f"fine-tuned {shots}/class, {arm}", seed,
+                 fit_eval(model.train(), train, test, epochs, 1e-3, seed, batch_size=batch))
+    return rows
+
+
+def run_video_mae_pool(seeds, epochs, jobs: int = 1):
+    """Top-1 vs the size of the unlabelled pool (`pool_seed`), seeds in `jobs` processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        for part in ex.map(pool_seed, seeds, [epochs] * len(seeds)):
+            for name, values in part.items():
+                rows.setdefault(name, []).extend(values)
+    metrics = list(dict.fromkeys(name.rsplit(", ", 1)[0] for name in rows))  # grouped by metric, arms in order
+    return {name: rows[name] for name in sorted(rows, key=lambda k: metrics.index(k.rsplit(", ", 1)[0]))}
+
+
 # ------------------------------------------------------------------------------------------------------ points
 
 def run_points(seeds, epochs):
@@ -221,10 +277,11 @@ def report(title: str, rows: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["audio", "tiles", "video", "points"],
-                    choices=["audio", "tiles", "video", "video-mae", "points", "paired"])
+                    choices=["audio", "tiles", "video", "video-mae", "video-mae-pool", "points", "paired"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6, help="epochs of the audio, video and points runs")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each dense (tiles) run")
+    ap.add_argument("--jobs", type=int, default=1, help="processes, one seed each (video-mae-pool)")
     args = ap.parse_args()
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -243,6 +300,10 @@ def main() -> None:
         elif task == "video-mae":
             report("moving digits (procedural), 8 directions, 20 train / 20 test per class, video-mae on 320 "
                    "unlabelled clips (3 epochs) or none: top-1", run_video_mae(seeds, args.epochs))
+        elif task == "video-mae-pool":
+            report(f"moving digits (procedural), 8 directions, 40 test clips per class; video-mae for 160 steps "
+                   f"(batch 32) on nested pools of {' / '.join(map(str, POOLS))} unlabelled clips, or none; "
+                   f"then video + full, {args.epochs} epochs: top-1", run_video_mae_pool(seeds, args.epochs, args.jobs))
         elif task == "paired":
             report("image pairs (procedural), which way the digit moved (4 classes), 20 train / 20 test per class: "
                    "top-1", run_paired(seeds, args.epochs))
