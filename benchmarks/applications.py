@@ -14,16 +14,21 @@ also `vitkit bench`'s tasks of these inputs).
   `channels` (all 10 bands) vs the RGB model on B04 B03 B02, n = 8 / 32 / 128 training tiles, patch mIoU;
 * video: 4-frame clips of a digit moving 3 px/frame in one of 8 directions; `video` (tubelets of 2 frames) +
   `full` vs the 2-D model on the frame average (which shows the axis of motion, not its sign); `video-mae`: the
-  same fine-tuning with and without tube-masked pre-training on 320 unlabelled clips first;
+  same fine-tuning with and without tube-masked pre-training on 320 unlabelled clips first; `video-mae-pool`: top-1
+  after 20 or 5 labelled clips per class vs the size of the unlabelled pool (320 / 1,280 / 5,120 clips, a fixed
+  budget of 160 pre-training steps) and vs no pre-training, with k-NN on the frozen features and the pretext loss;
 * points: 256-point clouds of 8 primitives under random rotation, scale and jitter; `points` (tokenizer and head
   train, backbone frozen) with projected 2-D position embedding vs a learned 3-D one.
 
     python benchmarks/applications.py --tasks audio        # one task of the RESULTS.md table (one process each)
     python benchmarks/applications.py --tasks audio --seeds 1 --epochs 3    # a quick look
+    python benchmarks/applications.py --tasks video-mae-pool --jobs 3     # seeds side by side, one process each
+    python benchmarks/applications.py --tasks video-mae-pool --jobs 3 --mae norm_pix_loss=false   # video-mae fields
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -198,10 +203,11 @@ def run_video_mae(seeds, epochs, pretrain_epochs: int = 3):
 POOLS = (320, 1280, 5120)
 
 
-def pool_seed(seed: int, epochs: int, steps: int = 160) -> dict:
+def pool_seed(seed: int, epochs: int, pools: tuple = POOLS, options: dict | None = None, steps: int = 160) -> dict:
     """One seed of `run_video_mae_pool`: the same `video` + `full` fine-tuning (20 and 5 labelled clips per class)
     after no pre-training or `video-mae` on nested pools of unlabelled clips, at a fixed budget of `steps`
-    pre-training steps (batch 32) whatever the pool size; also k-NN on the frozen features and the pretext loss."""
+    pre-training steps (batch 32) whatever the pool size, `options` its config (default: its own); also k-NN on
+    the frozen features and the pretext loss."""
     torch.set_num_threads(1)
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     rows = {}
@@ -209,11 +215,15 @@ def pool_seed(seed: int, epochs: int, steps: int = 160) -> dict:
     train20, test = split(x, y, 20, seed)  # 20 labelled clips per class; the same 40 per class tested for all arms
     first5 = [i for c in range(8) for i in [j for j, t in enumerate(train20.targets) if t == c][:5]]
     train5 = vk.data.tensors(train20.samples[first5], [train20.targets[i] for i in first5])
-    unlabelled, _ = clips(max(POOLS) // 8, 1000 + seed)  # other digits, positions, directions than the labelled
+    unlabelled, _ = clips(max(pools) // 8, 1000 + seed)  # other digits, positions, directions than the labelled
     unlabelled = unlabelled[torch.randperm(len(unlabelled), generator=torch.Generator().manual_seed(seed))]
-    blank = (tubelets(unlabelled, 2, 4, 4).var(-1) > 0).float().mean().item()
-    print(f"    seed {seed}: pretext loss of predicting blank tubelets: {blank:.3f}", flush=True)
-    for n in (0,) + POOLS:
+    targets = tubelets(unlabelled, 2, 4, 4)  # what a constant prediction scores (normalised targets: 0 on blanks)
+    if (options or {}).get("norm_pix_loss", True):
+        blank, what = (targets.var(-1) > 0).float().mean().item(), "predicting blank tubelets"
+    else:
+        blank, what = targets.var().item(), "predicting the mean pixel"
+    print(f"    seed {seed}: pretext loss of {what}: {blank:.3f}", flush=True)
+    for n in (0,) + tuple(pools):
         arm = "no pre-training" if n == 0 else f"video-mae on {n} clips"
         torch.manual_seed(seed)
         model = fresh(num_classes=8)
@@ -224,8 +234,10 @@ def pool_seed(seed: int, epochs: int, steps: int = 160) -> dict:
             pre_epochs = steps * 32 / n
             with tempfile.TemporaryDirectory() as tmp:
                 vk.pretrain(model, vk.data.tensors(pool, [0] * n), objective="video-mae", epochs=round(pre_epochs),
-                            warmup_epochs=0.1 * pre_epochs, batch_size=32, seed=seed, out_dir=tmp, progress=False)
-            note(rows, f"pretext loss (mean of the last pre-training epoch), {arm}", seed, model.__dict__["_vitkit_pretrain"]["history"][-1]["train_loss"])
+                            warmup_epochs=0.1 * pre_epochs, batch_size=32, seed=seed, out_dir=tmp, progress=False,
+                            **(options or {}))
+            note(rows, f"pretext loss (mean of the last pre-training epoch), {arm}", seed,
+                 model.__dict__["_vitkit_pretrain"]["history"][-1]["train_loss"])
         note(rows, f"k-NN on frozen features (20/class), {arm}", seed,
              vk.evaluate(model.eval(), test, "knn", train=train20)["top1"])
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -236,14 +248,14 @@ def pool_seed(seed: int, epochs: int, steps: int = 160) -> dict:
     return rows
 
 
-def run_video_mae_pool(seeds, epochs, jobs: int = 1):
+def run_video_mae_pool(seeds, epochs, jobs: int = 1, pools: tuple = POOLS, options: dict | None = None):
     """Top-1 vs the size of the unlabelled pool (`pool_seed`), seeds in `jobs` processes."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     rows = {}
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
-        for part in ex.map(pool_seed, seeds, [epochs] * len(seeds)):
+        for part in ex.map(pool_seed, seeds, [epochs] * len(seeds), [pools] * len(seeds), [options] * len(seeds)):
             for name, values in part.items():
                 rows.setdefault(name, []).extend(values)
     metrics = list(dict.fromkeys(name.rsplit(", ", 1)[0] for name in rows))  # grouped by metric, arms in order
@@ -282,6 +294,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6, help="epochs of the audio, video and points runs")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each dense (tiles) run")
     ap.add_argument("--jobs", type=int, default=1, help="processes, one seed each (video-mae-pool)")
+    ap.add_argument("--pools", type=int, nargs="+", default=list(POOLS), help="unlabelled pool sizes (video-mae-pool)")
+    ap.add_argument("--mae", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="video-mae config fields (video-mae-pool), e.g. mask_ratio=0.75 norm_pix_loss=false")
     args = ap.parse_args()
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -301,9 +316,12 @@ def main() -> None:
             report("moving digits (procedural), 8 directions, 20 train / 20 test per class, video-mae on 320 "
                    "unlabelled clips (3 epochs) or none: top-1", run_video_mae(seeds, args.epochs))
         elif task == "video-mae-pool":
-            report(f"moving digits (procedural), 8 directions, 40 test clips per class; video-mae for 160 steps "
-                   f"(batch 32) on nested pools of {' / '.join(map(str, POOLS))} unlabelled clips, or none; "
-                   f"then video + full, {args.epochs} epochs: top-1", run_video_mae_pool(seeds, args.epochs, args.jobs))
+            options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.mae)}
+            settings = f" {options}" if options else ""
+            report(f"moving digits (procedural), 8 directions, 40 test clips per class; video-mae{settings} for "
+                   f"160 steps (batch 32) on nested pools of {' / '.join(map(str, args.pools))} unlabelled clips, "
+                   f"or none; then video + full, {args.epochs} epochs: top-1",
+                   run_video_mae_pool(seeds, args.epochs, args.jobs, tuple(args.pools), options))
         elif task == "paired":
             report("image pairs (procedural), which way the digit moved (4 classes), 20 train / 20 test per class: "
                    "top-1", run_paired(seeds, args.epochs))

@@ -9,8 +9,8 @@ Plugs in at: a model adapted with `vk.adapt(model, "video")`: its tubelet embedd
 (`model.patch_embed`, `model._pos_embed`) embed the clip; the visible tokens (and every prefix token) run through
 the model's own blocks and final norm; a small decoder (timm `Block`s, learned positions, mask token) predicts the
 pixels of the masked tubelets (`video_mae_algo.tubelets`), MSE over masked tubelets only, targets normalised per
-tubelet. Samples are clips `(C, T, H, W)` (`vk.data.tensors`), used as they are (no augmentation). The blocks run under gradient
-checkpointing when the model has it on (`set_grad_checkpointing()`).
+tubelet. Samples are clips `(C, T, H, W)` (`vk.data.tensors`), used as they are (no augmentation). The blocks
+run under gradient checkpointing when the model has it on (`set_grad_checkpointing()`).
 Hand-written here, and why: lightly's masked ViT wrapper embeds images only (2-D patch grid, 2-D masks), and
 VideoMAE's code builds its own model. Differs from the reference: decoder small (depth 2, width 64; paper 4 x 384)
 and with learned positions (paper: fixed sin-cos); VideoMAE V2's decoder masking is not used. What trains is what
