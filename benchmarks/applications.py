@@ -16,7 +16,9 @@ also `vitkit bench`'s tasks of these inputs).
   B04 B03 B02, n = 8 / 32 / 128 training tiles: land-cover mIoU and road / building density MSE per patch;
 * video: 4-frame clips of a digit moving 3 px/frame in one of 8 directions; `video` (tubelets of 2 frames) +
   `full` vs the 2-D model on the frame average (which shows the axis of motion, not its sign); `video-mae`: the
-  same fine-tuning with and without tube-masked pre-training on 320 unlabelled clips first;
+  same fine-tuning with and without tube-masked pre-training on 320 unlabelled clips first; `video-mae-pool`: top-1
+  after 20 or 5 labelled clips per class vs the size of the unlabelled pool (320 / 1,280 / 5,120 clips, a fixed
+  budget of 160 pre-training steps) and vs no pre-training, with k-NN on the frozen features and the pretext loss;
 * points: 256-point clouds of 8 primitives under random rotation, scale and jitter; `points` (tokenizer and head
   train, backbone frozen) with projected 2-D position embedding vs a learned 3-D one; `points-adapters`: the same on
   `--n-points` (1,024) point clouds, 64 groups of 32, each position kind with and without Any2Point's guided local
@@ -24,10 +26,13 @@ also `vitkit bench`'s tasks of these inputs).
 
     python benchmarks/applications.py --tasks audio        # one task of the RESULTS.md table (one process each)
     python benchmarks/applications.py --tasks audio --seeds 1 --epochs 3    # a quick look
+    python benchmarks/applications.py --tasks video-mae-pool --jobs 3     # seeds side by side, one process each
+    python benchmarks/applications.py --tasks video-mae-pool --jobs 3 --mae norm_pix_loss=false   # video-mae fields
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import tempfile
@@ -38,6 +43,7 @@ import torch
 
 import vitkit as vk
 from vitkit.data.generators import clips, pairs, points, sounds, tile_scenes
+from vitkit.pretrain.video_mae_algo import tubelets
 
 EMBEDDED = "vitkit/vit-tiny-cifar"
 
@@ -196,6 +202,68 @@ def run_video_mae(seeds, epochs, pretrain_epochs: int = 3):
     return rows
 
 
+POOLS = (320, 1280, 5120)
+
+
+def pool_seed(seed: int, epochs: int, pools: tuple = POOLS, options: dict | None = None, steps: int = 160) -> dict:
+    """One seed of `run_video_mae_pool`: the same `video` + `full` fine-tuning (20 and 5 labelled clips per class)
+    after no pre-training or `video-mae` on nested pools of unlabelled clips, at a fixed budget of `steps`
+    pre-training steps (batch 32) whatever the pool size, `options` its config (default: its own); also k-NN on
+    the frozen features and the pretext loss."""
+    torch.set_num_threads(1)
+    logging.getLogger("vitkit").setLevel(logging.WARNING)
+    rows = {}
+    x, y = clips(60, seed)
+    train20, test = split(x, y, 20, seed)  # 20 labelled clips per class; the same 40 per class tested for all arms
+    first5 = [i for c in range(8) for i in [j for j, t in enumerate(train20.targets) if t == c][:5]]
+    train5 = vk.data.tensors(train20.samples[first5], [train20.targets[i] for i in first5])
+    unlabelled, _ = clips(max(pools) // 8, 1000 + seed)  # other digits, positions, directions than the labelled
+    unlabelled = unlabelled[torch.randperm(len(unlabelled), generator=torch.Generator().manual_seed(seed))]
+    targets = tubelets(unlabelled, 2, 4, 4)  # what a constant prediction scores (normalised targets: 0 on blanks)
+    if (options or {}).get("norm_pix_loss", True):
+        blank, what = (targets.var(-1) > 0).float().mean().item(), "predicting blank tubelets"
+    else:
+        blank, what = targets.var().item(), "predicting the mean pixel"
+    print(f"    seed {seed}: pretext loss of {what}: {blank:.3f}", flush=True)
+    for n in (0,) + tuple(pools):
+        arm = "no pre-training" if n == 0 else f"video-mae on {n} clips"
+        torch.manual_seed(seed)
+        model = fresh(num_classes=8)
+        vk.adapt(model, "video", num_frames=4, tubelet=2)
+        vk.adapt(model, "full")
+        if n:
+            pool = unlabelled[:n]  # nested: each pool holds the smaller ones
+            pre_epochs = steps * 32 / n
+            with tempfile.TemporaryDirectory() as tmp:
+                vk.pretrain(model, vk.data.tensors(pool, [0] * n), objective="video-mae", epochs=round(pre_epochs),
+                            warmup_epochs=0.1 * pre_epochs, batch_size=32, seed=seed, out_dir=tmp, progress=False,
+                            **(options or {}))
+            note(rows, f"pretext loss (mean of the last pre-training epoch), {arm}", seed,
+                 model.__dict__["_vitkit_pretrain"]["history"][-1]["train_loss"])
+        note(rows, f"k-NN on frozen features (20/class), {arm}", seed,
+             vk.evaluate(model.eval(), test, "knn", train=train20)["top1"])
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for shots, train, batch in ((20, train20, 32), (5, train5, 8)):  # 5 optimizer steps per epoch in both
+            model.load_state_dict(state)
+            note(rows, f"fine-tuned {shots}/class, {arm}", seed,
+                 fit_eval(model.train(), train, test, epochs, 1e-3, seed, batch_size=batch))
+    return rows
+
+
+def run_video_mae_pool(seeds, epochs, jobs: int = 1, pools: tuple = POOLS, options: dict | None = None):
+    """Top-1 vs the size of the unlabelled pool (`pool_seed`), seeds in `jobs` processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rows = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        for part in ex.map(pool_seed, seeds, [epochs] * len(seeds), [pools] * len(seeds), [options] * len(seeds)):
+            for name, values in part.items():
+                rows.setdefault(name, []).extend(values)
+    metrics = list(dict.fromkeys(name.rsplit(", ", 1)[0] for name in rows))  # grouped by metric, arms in order
+    return {name: rows[name] for name in sorted(rows, key=lambda k: metrics.index(k.rsplit(", ", 1)[0]))}
+
+
 # ------------------------------------------------------------------------------------------------------ points
 
 def run_points(seeds, epochs):
@@ -240,7 +308,7 @@ def report(title: str, rows: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["audio", "tiles", "video", "points"],
-                    choices=["audio", "tiles", "video", "video-mae", "points", "points-adapters", "paired"])
+                    choices=["audio", "tiles", "video", "video-mae", "video-mae-pool", "points", "points-adapters", "paired"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6, help="epochs of the audio, video and points runs")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each dense (tiles) run")
@@ -248,6 +316,10 @@ def main() -> None:
     ap.add_argument("--n-points", type=int, default=1024, help="points per cloud of the points-adapters runs")
     ap.add_argument("--positions", nargs="+", default=["projection", "learned"], choices=["projection", "learned"],
                     help="position embeddings of the points-adapters runs")
+    ap.add_argument("--jobs", type=int, default=1, help="processes, one seed each (video-mae-pool)")
+    ap.add_argument("--pools", type=int, nargs="+", default=list(POOLS), help="unlabelled pool sizes (video-mae-pool)")
+    ap.add_argument("--mae", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="video-mae config fields (video-mae-pool), e.g. mask_ratio=0.75 norm_pix_loss=false")
     args = ap.parse_args()
     logging.getLogger("vitkit").setLevel(logging.WARNING)
     torch.set_num_threads(1)
@@ -267,6 +339,13 @@ def main() -> None:
         elif task == "video-mae":
             report("moving digits (procedural), 8 directions, 20 train / 20 test per class, video-mae on 320 "
                    "unlabelled clips (3 epochs) or none: top-1", run_video_mae(seeds, args.epochs))
+        elif task == "video-mae-pool":
+            options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.mae)}
+            settings = f" {options}" if options else ""
+            report(f"moving digits (procedural), 8 directions, 40 test clips per class; video-mae{settings} for "
+                   f"160 steps (batch 32) on nested pools of {' / '.join(map(str, args.pools))} unlabelled clips, "
+                   f"or none; then video + full, {args.epochs} epochs: top-1",
+                   run_video_mae_pool(seeds, args.epochs, args.jobs, tuple(args.pools), options))
         elif task == "paired":
             report("image pairs (procedural), which way the digit moved (4 classes), 20 train / 20 test per class: "
                    "top-1", run_paired(seeds, args.epochs))

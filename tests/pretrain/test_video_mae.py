@@ -84,12 +84,42 @@ def test_video_mae_trains_and_refuses_images(tmp_path):
         vk.pretrain(model, vk.data.tensors(torch.randn(4, 3, 32, 32), [0] * 4), objective="video-mae")
     vk.adapt(model, "video", num_frames=4)
     vk.adapt(model, "full")
-    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    before, head = model.blocks[0].attn.qkv.weight.detach().clone(), model.head.weight.detach().clone()
     torch.manual_seed(0)
     clips = torch.randn(8, 3, 1, 32, 32).expand(-1, -1, 4, -1, -1).contiguous()
     vk.pretrain(model, vk.data.tensors(clips, [0] * 8), objective="video-mae", epochs=1, batch_size=4,
                 out_dir=tmp_path / "run", progress=False)
-    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)  # what vk.fit fine-tunes next, in place
+    assert torch.equal(head, model.head.weight) and all(p.requires_grad for p in model.parameters())  # as before
     assert not hasattr(model, "decoder_embed") and [a.name for a in vk.applied(model)] == ["video", "full"]
     with pytest.raises(ValueError, match="video-mae: clips must have the model's 4 frames of 32x32"):
         get_objective("video-mae").objective(model, get_objective("video-mae").config())(torch.randn(2, 3, 2, 32, 32))
+
+
+@pytest.mark.parametrize("ratio", [0.005, 0.995])
+def test_video_mae_refuses_a_ratio_that_masks_nothing_or_everything(ratio):
+    """64 positions per time slot: 0.005 masks round(0.32) = 0 (an empty loss, NaN), 0.995 masks all 64."""
+    model = make_variant("plain", seed=22)
+    vk.adapt(model, "video", num_frames=4, tubelet=2)
+    entry = get_objective("video-mae")
+    with pytest.raises(ValueError, match=f"video-mae: `mask_ratio` {ratio} masks"):
+        entry.objective(model, entry.config(mask_ratio=ratio))
+
+
+def test_video_mae_uses_gradient_checkpointing_with_the_same_gradients():
+    """With `set_grad_checkpointing()`, every block runs again in the backward pass; the gradients are unchanged."""
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = make_variant("plain", seed=23)
+        vk.adapt(model, "video", num_frames=4, tubelet=2)
+        vk.adapt(model, "full")
+        model.set_grad_checkpointing(checkpointing)
+        model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(checkpointing))
+        entry = get_objective("video-mae")
+        torch.manual_seed(0)
+        obj = entry.objective(model, entry.config())
+        keep, masked = tube_mask(2, 2, 64, 0.9, None)
+        obj.loss(torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(1)), keep, masked).backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    assert calls.count(False) == 1 and calls.count(True) == 2, f"block 0 forwards: {calls}"
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -9,7 +9,8 @@ Plugs in at: a model adapted with `vk.adapt(model, "video")`: its tubelet embedd
 (`model.patch_embed`, `model._pos_embed`) embed the clip; the visible tokens (and every prefix token) run through
 the model's own blocks and final norm; a small decoder (timm `Block`s, learned positions, mask token) predicts the
 pixels of the masked tubelets (`video_mae_algo.tubelets`), MSE over masked tubelets only, targets normalised per
-tubelet. Samples are clips `(C, T, H, W)` (`vk.data.tensors`), used as they are (no augmentation).
+tubelet. Samples are clips `(C, T, H, W)` (`vk.data.tensors`), used as they are (no augmentation). The blocks
+run under gradient checkpointing when the model has it on (`set_grad_checkpointing()`).
 Hand-written here, and why: lightly's masked ViT wrapper embeds images only (2-D patch grid, 2-D masks), and
 VideoMAE's code builds its own model. Differs from the reference: decoder small (depth 2, width 64; paper 4 x 384)
 and with learned positions (paper: fixed sin-cos); VideoMAE V2's decoder masking is not used. What trains is what
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block
 
 from vitkit.pretrain import register_objective
@@ -65,6 +67,10 @@ class Objective(base.Objective):
         pe = model.patch_embed
         self.slots = pe.num_frames // pe.tubelet
         self.patches = pe.num_patches // self.slots
+        n_mask = algo.num_masked(self.patches, cfg.mask_ratio)
+        if not 0 < n_mask < self.patches:
+            raise ValueError(f"video-mae: `mask_ratio` {cfg.mask_ratio} masks {n_mask} of the {self.patches} positions"
+                             " of a time slot; choose a ratio that masks at least one and leaves one visible")
         d = cfg.decoder_dim
         self.decoder_embed = nn.Linear(model.embed_dim, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
@@ -91,8 +97,9 @@ class Objective(base.Objective):
         x = m._pos_embed(m.patch_embed(clips))  # (B, p + T'·N, D): positions added
         visible = x[:, p:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
         x = m.norm_pre(torch.cat([x[:, :p], visible], 1))
+        checkpointing = getattr(m, "grad_checkpointing", False) and torch.is_grad_enabled()
         for block in m.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         return m.norm(x)
 
     def loss(self, clips: torch.Tensor, keep: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,17 @@ from __future__ import annotations
 import torch
 
 
+def num_masked(patches: int, ratio: float) -> int:
+    """Spatial positions masked per time slot: round(ratio·patches), as `tube_mask` draws them."""
+    return int(round(ratio * patches))
+
+
 def tube_mask(batch: int, slots: int, patches: int, ratio: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(keep, masked)` token indices `(B, slots·n_keep)`, `(B, slots·n_mask)` into a sequence of `slots` time
     slots of `patches` tokens each (prefix tokens excluded): per sample, round(ratio·patches) spatial positions
     are drawn and masked in *every* time slot (a tube), so a masked patch cannot be copied from its neighbour
     in time. Indices ascend."""
-    n_mask = int(round(ratio * patches))
+    n_mask = num_masked(patches, ratio)
     order = torch.rand(batch, patches, device=device).argsort(1)
     keep_sp, mask_sp = order[:, n_mask:].sort(1).values, order[:, :n_mask].sort(1).values
     offsets = (torch.arange(slots, device=device) * patches)[None, :, None]
