@@ -13,7 +13,7 @@ Routes: both directions, exit block j = i ± `--window`. Calibration: `--calibra
 Data: `vk.data.split(seed=None, train=800, test=--test)` of the CIFAR-10 test JPEGs: the stitching layers train
 on `--train` images of each class from the first 800, every route is measured on the last `--test` of each class
 (unseen by both anchors). Training: `vk.fit` on the stitched model (only the stitching layers train; a route is
-drawn per batch by FLOPs-aware sampling), rank `--rank`, lr 1e-3, `--epochs`, per seed.
+drawn per batch by FLOPs-aware sampling), rank `--rank`, lr `--lr`, `--epochs`, per seed.
 
 Prints, per route: FLOPs, top-1 with least squares only, and top-1 after training (mean ± std over seeds); writes
 benchmarks/results/stitch.json and docs/img/stitch_pareto.png (`--anchors narrow`: stitch_narrow.json and
@@ -21,7 +21,7 @@ stitch_pareto_narrow.png); with `narrow`, also how far each route between the an
 line joining the anchors (the SN-Netv2 claim: routes fill that gap).
 
     OMP_NUM_THREADS=2 python benchmarks/stitch.py
-    OMP_NUM_THREADS=2 python benchmarks/stitch.py --anchors narrow --train 800 --test 200 --epochs 3
+    OMP_NUM_THREADS=2 python benchmarks/stitch.py --anchors narrow --window 0 --train 500 --test 200 --lr 1e-2
     OMP_NUM_THREADS=1 python benchmarks/stitch.py --train 10 --test 5 --epochs 1 --seeds 0   # smoke
 """
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=1)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3, help="lr of the stitching layers")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--narrow-epochs", type=int, default=20, help="training epochs of the narrow anchor")
     p.add_argument("--cache", default=str(ROOT / "runs" / "stitch-narrow"), help="the narrow anchor's run folder")
@@ -121,7 +122,7 @@ def main() -> None:
         if seed == args.seeds[0]:
             results["least_squares"] = stitched.pareto(test)
         with tempfile.TemporaryDirectory() as run:
-            vk.fit(stitched, train, epochs=args.epochs, lr=1e-3, batch_size=64, seed=seed, out_dir=run,
+            vk.fit(stitched, train, epochs=args.epochs, lr=args.lr, batch_size=64, seed=seed, out_dir=run,
                    progress=False)
         results.setdefault("trained", []).append(stitched.pareto(test))
 
