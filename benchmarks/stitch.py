@@ -22,7 +22,7 @@ line joining the anchors (the SN-Netv2 claim: routes fill that gap).
 
     OMP_NUM_THREADS=2 python benchmarks/stitch.py
     OMP_NUM_THREADS=2 python benchmarks/stitch.py --anchors narrow --window 0 --train 500 --test 200 --lr 1e-2
-    OMP_NUM_THREADS=2 python benchmarks/stitch.py --anchors narrow --window 0 --train 800 --test 200 --lr 0.01 --epochs 8
+    OMP_NUM_THREADS=2 python benchmarks/stitch.py --anchors narrow --window 0 --train 800 --test 200 --lr 1e-2 --epochs 8
     OMP_NUM_THREADS=1 python benchmarks/stitch.py --train 10 --test 5 --epochs 1 --seeds 0   # smoke
 """
 from __future__ import annotations
