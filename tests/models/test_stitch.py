@@ -42,23 +42,35 @@ def test_stitching_a_model_to_a_copy_of_itself_is_that_model(name):
             torch.testing.assert_close(stitched(x[:2]), want, atol=2e-4, rtol=1e-4)
 
 
-def test_least_squares_init_and_route_equal_a_plain_torch_oracle():
+MEAN_A, STD_A = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.5, 0.5, 0.5])
+MEAN_B, STD_B = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+@pytest.mark.parametrize("route", ["a2-b3", "b4-a1"])  # 64 -> 96 wide and 96 -> 64 wide, other depths
+def test_least_squares_init_and_route_equal_a_plain_torch_oracle(route):
     a, b = _pair()
-    x = torch.randn(6, 3, 32, 32)
-    stitched = vk.stitch(a, b, x, routes=["a2-b3"], rank=2)
+    vk.models.loading.set_data_config(a, mean=tuple(MEAN_A.tolist()), std=tuple(STD_A.tolist()))
+    vk.models.loading.set_data_config(b, mean=tuple(MEAN_B.tolist()), std=tuple(STD_B.tolist()))
+    x = torch.randn(6, 3, 32, 32)  # prepared for a; b sees the same pixels in its own normalisation
+    x_b = ((x * STD_A.view(1, 3, 1, 1) + MEAN_A.view(1, 3, 1, 1)) - MEAN_B.view(1, 3, 1, 1)) / STD_B.view(1, 3, 1, 1)
+    src, i, dst, j = (a, 2, b, 3) if route == "a2-b3" else (b, 4, a, 1)
+    x_src, x_dst = (x, x_b) if src is a else (x_b, x)
+    stitched = vk.stitch(a, b, x, routes=[route], rank=2)
+    layer = stitched.stitches[route]
     with torch.no_grad():
-        xa, yb = _tokens(a, x, 2).reshape(-1, 64), _tokens(b, x, 3).reshape(-1, 96)
-        design = torch.cat([xa, torch.ones(len(xa), 1)], 1).double()
-        solution = torch.linalg.pinv(design) @ yb.double()  # normal-equation minimiser, another route than lstsq
+        xs, yd = _tokens(src, x_src, i), _tokens(dst, x_dst, j)
+        xs, yd = xs.reshape(-1, xs.shape[-1]), yd.reshape(-1, yd.shape[-1])
+        design = torch.cat([xs, torch.ones(len(xs), 1)], 1).double()
+        solution = torch.linalg.pinv(design) @ yd.double()  # normal-equation minimiser, another route than lstsq
         w, bias = solution[:-1].float(), solution[-1].float()
-        layer = stitched.stitches["a2-b3"]
         torch.testing.assert_close(layer.weight, w, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(layer.bias, bias, atol=1e-4, rtol=1e-3)
-        h = _tokens(a, x[:2], 2) @ w + bias
-        for block in b.blocks[3:]:
+        layer.up.normal_()  # a trained low-rank update: W_ls + down @ up
+        h = _tokens(src, x_src[:2], i) @ (w + layer.down @ layer.up) + bias
+        for block in dst.blocks[j:]:
             h = block(h)
-        want = b.head(b.norm(h)[:, 0])
-        torch.testing.assert_close(stitched(x[:2], route="a2-b3"), want, atol=1e-4, rtol=1e-3)
+        want = dst.head(dst.norm(h)[:, 0])
+        torch.testing.assert_close(stitched(x[:2], route=route), want, atol=1e-4, rtol=1e-3)
 
 
 def test_a_route_entering_the_other_anchor_converts_the_normalisation_exactly():

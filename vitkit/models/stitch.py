@@ -244,23 +244,28 @@ def stitch(a: nn.Module, b: nn.Module, data, *, rank: int = 4, window: int = 1, 
     return model.eval()
 
 
-def plot_pareto(rows: list[dict], path, title: str = "stitched routes") -> None:
-    """Accuracy against FLOPs per route (anchors labelled), as a PNG."""
+def plot_pareto(rows: list[dict], path, title: str = "stitched routes", names: Optional[dict] = None) -> None:
+    """Accuracy against FLOPs per route as a PNG: a→b and b→a routes, the anchors (named by `names`, e.g.
+    {"a": "embedded"}) and the straight line joining them, the trade-off stitching is meant to fill."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = {"a": "a", "b": "b", **(names or {})}
     fig, ax = plt.subplots(figsize=(6, 4))
-    stitched = [r for r in rows if r["route"] not in ("a", "b")]
-    ax.scatter([r["flops"] / 1e6 for r in stitched], [r["top1"] for r in stitched], s=18, label="stitched routes")
-    for r in rows:
-        if r["route"] in ("a", "b"):
-            ax.scatter(r["flops"] / 1e6, r["top1"], marker="*", s=160, label=f"anchor {r['route']}")
+    for entry, exit_ in (("a", "b"), ("b", "a")):
+        routes = [r for r in rows if r["route"].startswith(entry) and r["route"] not in ("a", "b")]
+        ax.scatter([r["flops"] / 1e6 for r in routes], [r["top1"] for r in routes], s=18,
+                   label=f"{names[entry]} → {names[exit_]} routes")
+    anchors = sorted((r for r in rows if r["route"] in ("a", "b")), key=lambda r: r["flops"])
+    ax.plot([r["flops"] / 1e6 for r in anchors], [r["top1"] for r in anchors], "k--", lw=0.8)
+    for r in anchors:
+        ax.scatter(r["flops"] / 1e6, r["top1"], marker="*", s=160, label=f"anchor {r['route']} ({names[r['route']]})")
     ax.set_xlabel("MFLOPs per image")
     ax.set_ylabel("top-1")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
