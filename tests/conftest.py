@@ -66,4 +66,8 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n auto`), the long tests (marked slow: most docs blocks that train) start first, so that
     no worker is left running one of them alone at the end."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker collects (the same order); the controller deals them out
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order
+        def order(item):  # slow first, the longest (`slow(seconds=...)`: the docs' "about N s") first among them
+            slow = item.get_closest_marker("slow")
+            return slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0)
+
+        items.sort(key=order)  # stable: otherwise collection order

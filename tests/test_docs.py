@@ -65,6 +65,7 @@ TIMEOUT_S = 900
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 MARKER = re.compile(r"<!--\s*docs-test:\s*(?P<what>skip|slow)\b\s*(?P<reason>.*?)\s*-->")
 SLOW = re.compile(r"^\s*#\s*slow\b", re.M)
+DURATION = re.compile(r"about (\d+) (s|min)\b")  # in a slow note: the longest blocks are started first
 HUB = re.compile(r"#.*\bneeds the hub\b")
 CONTINUES = re.compile(r"^\s*#\s*continues the block above\b")
 FILE = re.compile(r"^\s*#\s*(?P<name>[\w.-]+\.(?:ya?ml|json|txt|csv))\s*$")
@@ -81,6 +82,7 @@ class Block:
     files: dict[str, str] = field(default_factory=dict)  # files written by earlier blocks of the page
     previous: "Block | None" = None  # for `# continues the block above`
     slow: bool = False  # `<!-- docs-test: slow -->` before the fence
+    slow_note: str = ""  # that marker's text (`about 70 s`: how long, so the longest blocks start first)
 
     def __repr__(self) -> str:
         return f"Block({self.id}, {self.lang})"
@@ -127,6 +129,7 @@ def parse(page: Path) -> list[Block]:
             if marker and marker["what"] == "skip":
                 block.skip = marker["reason"] or "marked skip"
             block.slow = bool(marker and marker["what"] == "slow")
+            block.slow_note = marker["reason"] if block.slow else ""
             nxt = raw[n + 1] if n + 1 < len(raw) else None
             if nxt and nxt[2] in OUTPUT and all(not s.strip() for s in _page_lines(page)[end:nxt[0] - 1]):
                 block.output = nxt[3]
@@ -154,8 +157,12 @@ def collect() -> list:
     for page in PAGES:
         for block in parse(page):
             marks = []
-            if block.slow or SLOW.search(block.source()):
-                marks.append(pytest.mark.slow)
+            comment = SLOW.search(block.source())
+            if block.slow or comment:
+                note = block.slow_note + (block.source()[comment.start():].split("\n", 1)[0] if comment else "")
+                seconds = DURATION.search(note)
+                marks.append(pytest.mark.slow(seconds=int(seconds[1]) * (60 if seconds[2] == "min" else 1)
+                                              if seconds else 0))
             if block.skip:
                 marks.append(pytest.mark.skip(reason=f"docs-test skip: {block.skip}"))
             elif any("../shared" in text for text in (block.source(), *block.files.values())) and not SHARED.is_dir():
