@@ -299,6 +299,7 @@ def procedural(name: str, per_class: int = 40, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
+@functools.lru_cache(maxsize=8)  # `Cell.key` asks for it on every lookup of a cell
 def digest(name: str, per_class: int, seed: int = 0) -> str:
     """SHA-256 (16 hex digits) of the samples and labels: keys `vitkit bench` cells on the data, not the code."""
     h = hashlib.sha256()
