@@ -27,6 +27,10 @@ def test_generators_are_seeded_class_blocked_and_balanced():
         assert tuple(a.samples.shape[1:]) == shape and torch.equal(a.samples, b.samples)
         assert a.targets == [c for c in range(classes) for _ in range(3)]
     assert not torch.equal(vk.data.procedural("pairs", 3, seed=1).samples, vk.data.procedural("pairs", 3).samples)
+    from vitkit.data.generators import pairs
+
+    vk.data.procedural("pairs", 3).samples.mul_(0)  # a caller's in-place edit must not reach a later call
+    assert torch.equal(vk.data.procedural("pairs", 3).samples, pairs(3)[0])
     with pytest.raises(ValueError, match="unknown procedural task `clip`"):
         vk.data.procedural("clip")
 

@@ -296,7 +296,7 @@ def _generate(name: str, per_class: int, seed: int) -> tuple[torch.Tensor, torch
 def procedural(name: str, per_class: int = 40, seed: int = 0) -> TensorDataset:
     """The procedural task `name` (see `TASKS`) with `per_class` samples of each class, in class order."""
     x, y = _generate(name, per_class, seed)
-    return TensorDataset(x, y)
+    return TensorDataset(x.clone(), y)  # a copy: editing it in place must not change the cached samples (`digest`)
 
 
 @functools.lru_cache(maxsize=8)  # `Cell.key` asks for it on every lookup of a cell
